@@ -1,0 +1,638 @@
+"""A hand-written decoder of the Llama / Qwen2 / Mistral family, its KV cache, and Hugging Face I/O.
+
+One file, read top to bottom: config -> layers -> model -> KV cache -> loading and saving checkpoints
+-> tokenizer -> the tiny default model -> a benchmark. Module names equal Hugging Face's parameter
+names (`model.layers.0.self_attn.q_proj.weight`, ...), so a checkpoint loads without a mapping table
+and what we save opens in `transformers`.
+
+Choices that are ours (the paper says nothing about the network itself):
+1. Rows of different lengths are LEFT-padded. The caller gives per-row RoPE positions and a `valid`
+   mask (False on padding); the attention mask is built from those and from cache slots, never with
+   `is_causal=True` when queries and keys differ in length. A padded query attends to itself only,
+   so its (unused) output stays finite.
+2. The KV cache is preallocated, layout `(layers, B, H_kv, T_max, D)`; every row writes the same slot
+   index at each step, which is what left padding allows.
+3. Sliding-window attention is not implemented: a Mistral / Qwen2 checkpoint that uses a window is
+   loaded with its context capped at the window, where full attention and windowed attention agree.
+4. The tiny default model (a few million parameters) and its character-level tokenizer serve the
+   embedded domain; they go through the same save / load path as a real checkpoint.
+"""
+
+import argparse
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
+
+
+class CheckpointError(ValueError):
+    """A bad checkpoint folder or file; the message is one line naming the file and the key."""
+
+
+# ---- config ----
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: always; Llama: attention_bias
+    o_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj; Qwen2's o_proj has none
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # only kept so that a saved config says what the source said
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, \
+            f"{self.num_attention_heads} heads not divisible by {self.num_key_value_heads} kv heads"
+
+    @property
+    def max_seq_len(self):
+        """Longest sequence we run: the model's context, capped at a sliding window (choice 3)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "ModelConfig":
+        """Read a Hugging Face config.json dict; hub style (top-level rope_theta / rope_scaling) or
+        transformers-5 style (`rope_parameters`)."""
+        arch = (d.get("architectures") or [None])[0]
+        if arch not in ARCHITECTURES:
+            raise CheckpointError(f"{where}: architecture {arch!r} is not supported "
+                                  f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(key), int):
+                raise CheckpointError(f"{where}: key {key!r} is missing or not an integer")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        rope = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        window = d.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+            window = None  # Qwen2 keeps a sliding_window value that it does not use unless told to
+        bias = bool(d.get("attention_bias", False))
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta), rope_scaling=rope,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bias, o_bias=arch == "LlamaForCausalLM" and bias,
+            mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=window, architecture=arch,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
+
+    def to_hf(self, dtype: torch.dtype) -> dict:
+        """The config.json dict, hub style, which transformers 4 and 5 both read."""
+        model_type = ARCHITECTURES[self.architecture]
+        d = dict(architectures=[self.architecture], model_type=model_type, hidden_act="silu",
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                 num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                 head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, sliding_window=self.sliding_window,
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                 pad_token_id=self.pad_token_id, torch_dtype=str(dtype).removeprefix("torch."))
+        if model_type == "llama":
+            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if model_type == "qwen2":
+            d.update(use_sliding_window=self.sliding_window is not None)
+        return d
+
+
+# ---- layers ----
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, (D/2,) float32, with `linear` or `llama3` scaling applied."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: wavelengths longer than old_len / low_freq_factor are stretched by `factor`, shorter than
+    # old_len / high_freq_factor kept, and those between interpolated smoothly.
+    factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)  # 0: stretched, 1: kept
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D); cos, sin (B, 1, T, D). Rotates the two halves of D (Hugging Face layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # normalise in fp32
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(C, self.n_head * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * D, C, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = slots used so far
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---- model ----
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # Hugging Face's initializer_range 0.02; only matters when training from scratch
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, tokens, pos=None, valid=None, cache=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        pos (B, T): RoPE positions; default 0..T-1, continuing from the cache when there is one.
+        valid (B, T) bool: False on padding tokens, which no other token attends to; default all True.
+        cache: a KVCache; the T tokens fill its next T slots. Without cache and valid, plain causal.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if pos is None:
+            pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        assert start + T <= self.config.max_seq_len, f"{start} + {T} tokens > context {self.config.max_seq_len}"
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        mask = None  # None: plain causal (is_causal=True), only when queries and keys are the same T tokens
+        if cache is not None or valid is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+            if cache is not None:
+                key_valid = cache.mark(valid)  # (B, S): slots 0..start+T-1
+            else:
+                key_valid = valid
+            S = key_valid.shape[1]
+            q_slot = torch.arange(start, start + T, device=tokens.device)[:, None]  # (T, 1)
+            k_slot = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
+            mask = (k_slot <= q_slot) & key_valid[:, None, :]  # (B, T, S): causal over slots, no padding
+            mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S): a padded query sees itself
+
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def new_cache(self, batch_size, max_len):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+
+# ---- KV cache ----
+
+class KVCache:
+    """Preallocated keys and values.
+
+    k, v: (layers, B, H_kv, T_max, D). Slot s of every row holds the token that row fed at step s (rows
+    are left-padded, so all rows fill the same slots). valid: (B, T_max), False for padding slots.
+    length: slots filled so far. Positions live with the caller; the cache only stores slots.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
+        assert max_len <= cfg.max_seq_len, f"cache length {max_len} > context {cfg.max_seq_len}"
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def mark(self, valid):
+        """Record which of the next T slots hold real tokens; return valid for slots 0..length+T-1."""
+        T = valid.shape[1]
+        assert self.length + T <= self.k.shape[3], f"cache full: {self.length} + {T} > {self.k.shape[3]}"
+        self.valid[:, self.length:self.length + T] = valid
+        return self.valid[:, :self.length + T]
+
+    def update(self, layer, k, v):
+        """Write k, v (B, H_kv, T, D) at slots length..length+T-1; return all filled slots (B, H_kv, S, D)."""
+        B, H, T, D = k.shape
+        assert (B, H, D) == (self.k.shape[1], self.k.shape[2], self.k.shape[4]), f"{k.shape} vs cache {self.k.shape}"
+        end = self.length + T
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---- loading and saving ----
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: key 'weight_map' is missing")
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    hint = " (pytorch_model.bin is not supported: convert it to safetensors)" if (path / "pytorch_model.bin").exists() else ""
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path, device=None, dtype=None) -> Transformer:
+    """Load a Hugging Face folder (config.json + safetensors, sharded or not). float32 on CPU and
+    bfloat16 on CUDA by default. The model is built on the meta device and takes the loaded tensors
+    as they are, so peak memory is about one copy of the weights."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del expected["lm_head.weight"]
+
+    # pass 1: names and shapes from the headers only
+    where, unexpected = {}, []
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        continue  # recomputed / tied: present in some checkpoints, never needed
+                    if name not in expected:
+                        unexpected.append(name)
+                        continue
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[name]):
+                        raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
+                                              f"the config expects {list(expected[name])}")
+                    where[name] = file
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
+            raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    missing = sorted(set(expected) - set(where))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match {cfg.architecture}: missing {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}")
+
+    # pass 2: the tensors, straight onto the device, cast one at a time
+    state = {}
+    for file in sorted(set(where.values())):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if where.get(name) == file:
+                    state[name] = f.get_tensor(name).to(dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, one gradient
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def save_model(model: Transformer, path, tokenizer=None):
+    """Write a folder that transformers can load: config.json, model.safetensors (Hugging Face names),
+    and the tokenizer's files when given. Written to a temporary folder, then renamed into place."""
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        cfg = model.config
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            del state["lm_head.weight"]
+        dtype = model.lm_head.weight.dtype
+        hf = cfg.to_hf(dtype)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            hf.update(eos_token_id=tokenizer.eos_ids[0] if len(tokenizer.eos_ids) == 1 else tokenizer.eos_ids,
+                      pad_token_id=tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))  # unique, like tmp
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- tokenizer ----
+
+LLAMA3_SYSTEM = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"  # the template's default
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the ids the sampler needs and a chat formatter without jinja.
+
+    chat_format: "chatml" (Qwen, SmolLM2: <|im_start|>role\\n...<|im_end|>), "llama3" (header tokens),
+    or None (base models: plain text). It is read off the chat template's special tokens.
+    """
+
+    def __init__(self, tok: HFTokenizer, eos_ids, pad_id, chat_format=None, system=None, files=None):
+        self.tok, self.eos_ids, self.pad_id = tok, list(eos_ids), pad_id
+        self.chat_format, self.system = chat_format, system
+        self.files = files or {}  # tokenizer_config.json etc., written back unchanged by save()
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special: add the tokenizer's own special tokens (Llama-3's BOS), as transformers does."""
+        return self.tok.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def chat(self, prompt: str, system: str | None = None) -> str:
+        """One user turn in the checkpoint's chat format, ending where the assistant's reply begins.
+        Encode the result with special=False: the text already holds its special tokens."""
+        system = system if system is not None else self.system
+        if self.chat_format == "chatml":
+            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+            return f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        if self.chat_format == "llama3":
+            h = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+            head = f"{h('system')}{system}<|eot_id|>" if system else ""
+            return f"<|begin_of_text|>{head}{h('user')}{prompt}<|eot_id|>{h('assistant')}"
+        return prompt
+
+    def save(self, path):
+        path = Path(path)
+        self.tok.save(str(path / "tokenizer.json"))
+        for name, d in self.files.items():
+            (path / name).write_text(json.dumps(d, indent=2) + "\n")
+
+
+def _token_id(tok: HFTokenizer, t):
+    if isinstance(t, dict):
+        t = t.get("content")
+    return tok.token_to_id(t) if isinstance(t, str) else None
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """tokenizer.json through `tokenizers`; eos ids from generation_config.json, config.json and
+    tokenizer_config.json (all of them, in that order); pad id from tokenizer_config / config, else eos."""
+    path = Path(path)
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json (only fast tokenizers saved as tokenizer.json are supported)")
+    try:
+        tok = HFTokenizer.from_file(str(file))
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot be read by tokenizers ({e})") from None
+    files = {n: read_json(path / n) for n in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+             if (path / n).is_file()}
+    tcfg, gen = files.get("tokenizer_config.json", {}), files.get("generation_config.json", {})
+    mcfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+
+    eos = []
+    for e in (gen.get("eos_token_id"), mcfg.get("eos_token_id"), _token_id(tok, tcfg.get("eos_token"))):
+        for i in (e if isinstance(e, list) else [e]):
+            if isinstance(i, int) and i not in eos:
+                eos.append(i)
+    pad = _token_id(tok, tcfg.get("pad_token"))
+    pad = pad if pad is not None else mcfg.get("pad_token_id")
+    pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
+
+    template = tcfg.get("chat_template") or ""
+    if (path / "chat_template.jinja").is_file():  # transformers 5 writes the template on its own
+        template = (path / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
+    fmt, system = None, None
+    if "<|im_start|>" in template:
+        fmt = "chatml"
+        m = re.search(r"<\|im_start\|>system\\n(.+?)<\|im_end\|>", template)  # the default system prompt
+        system = m.group(1) if m else None
+    elif "<|start_header_id|>" in template:
+        fmt, system = "llama3", (LLAMA3_SYSTEM if "Cutting Knowledge Date" in template else None)
+    return Tokenizer(tok, eos, pad, fmt, system, files)
+
+
+# ---- the tiny default model ----
+
+SPECIALS = ["<|pad|>", "<|endoftext|>", "<|unk|>"]
+
+
+def build_tokenizer(chars: str | None = None) -> Tokenizer:
+    """A character-level tokenizer: one token per character (printable ASCII and newline by default),
+    plus <|pad|>, <|endoftext|> (eos) and <|unk|>. Saved as tokenizer.json like any other."""
+    chars = chars if chars is not None else "\n" + "".join(chr(c) for c in range(32, 127))
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))  # no merges: characters
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()  # join characters without spaces
+    files = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                                       "pad_token": "<|pad|>", "unk_token": "<|unk|>"}}
+    return Tokenizer(tok, [vocab["<|endoftext|>"]], vocab["<|pad|>"], files=files)
+
+
+def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    """The default student for the embedded domain: ~3M parameters, Llama layout, GQA, tied embeddings."""
+    kw = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+              tie_word_embeddings=True, rms_norm_eps=1e-5)
+    return ModelConfig(**{**kw, **overrides})
+
+
+def qwen25_05b_config() -> ModelConfig:
+    """The shape of Qwen2.5-0.5B (random weights, for benchmarks)."""
+    return ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True,
+                       architecture="Qwen2ForCausalLM")
+
+
+# ---- benchmark: python model.py --bench ----
+
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(hwm.group(1)) / 2**20
+    except (OSError, AttributeError):
+        return float("nan")
+
+
+def bench(cfg: ModelConfig, name, batch, seq, steps, device, dtype):
+    peak_memory_reset(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def step():
+        logits = model(tokens[:, :-1])  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    print(f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | B={batch} T={seq} | "
+          f"fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | peak {peak_memory_gib(device):6.2f} GiB")
+    del model
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="The decoder's benchmark: forward+backward tokens/s and peak memory.")
+    p.add_argument("--bench", action="store_true", help="run the benchmark (the only thing this script does)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per config, after one warm-up step")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = p.parse_args()
+    if not args.bench:
+        p.error("nothing to do: pass --bench")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory is "
+          f"{'allocated CUDA memory' if device.type == 'cuda' else 'the process peak RSS, reset per config'}")
+    big = (8, 1024) if device.type == "cuda" else (1, 256)
+    bench(tiny_config(build_tokenizer().vocab_size), "tiny", 8, 256, args.steps, device, dtype)
+    bench(qwen25_05b_config(), "qwen2.5-0.5b", *big, args.steps, device, dtype)

@@ -1,0 +1,283 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+from conftest import KINDS, hf_tensors
+
+
+def tokens_for(m, B, T, seed=0):
+    return torch.randint(0, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- loading ----
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "mistral"])
+def test_load_gives_finite_logits_and_the_file_weights(ckpt, kind):
+    path = ckpt(kind)
+    m = M.load_model(path, device="cpu")
+    logits = m(tokens_for(m, 2, 9))
+    assert logits.shape == (2, 9, KINDS[kind]["vocab_size"]) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    file = load_file(str(path / "model.safetensors"))
+    state = m.state_dict()
+    for name, t in file.items():
+        assert torch.equal(state[name], t), name
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == KINDS[kind]["tie_word_embeddings"]
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_qwen2_has_qkv_bias_and_no_o_bias(ckpt):
+    m = M.load_model(ckpt("qwen2"), device="cpu")
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.o_proj.bias is None
+
+
+def test_sharded_and_v5_style_load_the_same_model(ckpt):
+    tok = torch.randint(0, 97, (2, 11))
+    ref = M.load_model(ckpt("qwen2"), device="cpu")(tok)
+    sharded = ckpt("qwen2", name="sharded", shards=3)
+    assert len(list(sharded.glob("*.safetensors"))) == 3
+    assert torch.equal(M.load_model(sharded, device="cpu")(tok), ref)
+    assert torch.equal(M.load_model(ckpt("qwen2", name="v5", v5_style=True), device="cpu")(tok), ref)
+
+
+def test_llama3_rope_scaling_in_both_config_styles(ckpt):
+    hub = M.load_model(ckpt("llama"), device="cpu")
+    v5 = M.load_model(ckpt("llama", name="v5", v5_style=True), device="cpu")
+    assert hub.config.rope_scaling["rope_type"] == v5.config.rope_scaling["rope_type"] == "llama3"
+    assert torch.equal(hub.inv_freq, v5.inv_freq)
+
+    # the frequencies as the llama3 recipe states them, branch by branch
+    s, D, theta = KINDS["llama"]["rope_scaling"], 16, 500000.0
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    expected, kinds = [], set()
+    for i in range(0, D, 2):
+        f = 1.0 / theta ** (i / D)
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            expected.append(f); kinds.add("kept")
+        elif wavelen > low_wavelen:
+            expected.append(f / s["factor"]); kinds.add("stretched")
+        else:
+            a = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            expected.append((1 - a) * f / s["factor"] + a * f); kinds.add("smoothed")
+    assert kinds == {"kept", "stretched", "smoothed"}  # the test covers all three bands
+    torch.testing.assert_close(hub.inv_freq, torch.tensor(expected), rtol=1e-6, atol=0)
+    plain = M.rope_inv_freq(M.ModelConfig(**{**hub.config.__dict__, "rope_scaling": None}))
+    assert not torch.equal(plain, hub.inv_freq)
+
+
+# ---- KV cache ----
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "mistral"])
+def test_cached_decode_equals_full_forward(ckpt, kind):
+    m = M.load_model(ckpt(kind), device="cpu")
+    tok = tokens_for(m, 3, 20)
+    with torch.no_grad():
+        full = m(tok)
+        cache = m.new_cache(3, 20)
+        steps = [m(tok[:, :7], cache=cache)]  # prefill 7 tokens, then one at a time
+        steps += [m(tok[:, t:t + 1], cache=cache) for t in range(7, 20)]
+    assert cache.length == 20
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_left_padded_ragged_batch_equals_each_row_alone(ckpt, kind):
+    m = M.load_model(ckpt(kind), device="cpu")
+    V, pad = m.config.vocab_size, 0
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, V, (n,), generator=g) for n in (5, 12, 1)]
+    extra = torch.randint(1, V, (3, 6), generator=g)  # tokens fed after the prompts, one per step
+    P = max(len(r) for r in rows)
+    tok = torch.full((3, P), pad)
+    valid = torch.zeros(3, P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tok[i, P - len(r):], valid[i, P - len(r):] = r, True
+    pos = (valid.cumsum(1) - 1).clamp(min=0)  # (B, P): a row's first real token sits at position 0
+    lengths = valid.sum(1)
+    with torch.no_grad():
+        no_cache = m(tok, pos=pos, valid=valid)
+        cache = m.new_cache(3, P + 6)
+        prefill = m(tok, pos=pos, valid=valid, cache=cache)
+        steps = [m(extra[:, t:t + 1], pos=(lengths + t)[:, None], cache=cache) for t in range(6)]
+        for i, r in enumerate(rows):
+            alone = m(torch.cat([r, extra[i]])[None])[0]  # (len + 6, V)
+            n = len(r)
+            assert (no_cache[i, P - n:] - alone[:n]).abs().max() <= 1e-5
+            assert (prefill[i, P - n:] - alone[:n]).abs().max() <= 1e-5
+            assert (torch.cat([s[i] for s in steps]) - alone[n:]).abs().max() <= 1e-5
+    assert torch.isfinite(prefill).all()  # padded queries stay finite too
+
+
+def test_last_only_and_cache_overflow(ckpt):
+    m = M.load_model(ckpt("mistral"), device="cpu")
+    tok = tokens_for(m, 2, 6)
+    with torch.no_grad():
+        assert torch.equal(m(tok, last_only=True), m(tok)[:, -1:])
+        cache = m.new_cache(2, 6)
+        m(tok, cache=cache)
+        with pytest.raises(AssertionError, match="cache full"):
+            m(tok[:, :1], cache=cache)
+    with pytest.raises(AssertionError, match="context"):
+        m.new_cache(1, m.config.max_seq_len + 1)
+
+
+# ---- saving ----
+
+def test_save_then_load_is_exact(ckpt, tmp_path):
+    for kind in ("qwen2", "llama", "mistral"):
+        m = M.load_model(ckpt(kind), device="cpu")
+        out = tmp_path / f"saved_{kind}"
+        tokenizer = M.build_tokenizer()
+        M.save_model(m, out, tokenizer=tokenizer)
+        back = M.load_model(out, device="cpu")
+        a, b = m.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # the saved config is the loaded one, with the tokenizer's end and padding ids
+        assert back.config == dataclasses.replace(m.config, eos_token_id=tokenizer.eos_ids[0], pad_token_id=tokenizer.pad_id)
+        tok = tokens_for(m, 2, 8)
+        assert torch.equal(back(tok), m(tok))
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["architectures"] == KINDS[kind]["architectures"] and cfg["model_type"] == KINDS[kind]["model_type"]
+        assert ("lm_head.weight" in load_file(str(out / "model.safetensors"))) == (not KINDS[kind]["tie_word_embeddings"])
+        assert (out / "tokenizer.json").is_file()
+
+
+def test_save_bfloat16_round_trip(ckpt, tmp_path):
+    m = M.load_model(ckpt("llama"), device="cpu", dtype=torch.bfloat16)
+    M.save_model(m, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = M.load_model(tmp_path / "bf16", device="cpu", dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) and b.dtype == torch.bfloat16
+               for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+
+
+def test_save_is_atomic(ckpt, tmp_path, monkeypatch):
+    m = M.load_model(ckpt("qwen2"), device="cpu")
+    out = tmp_path / "run"
+    M.save_model(m, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(M, "save_file", crash)
+    with torch.no_grad():
+        m.model.norm.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        M.save_model(m, out)
+    assert (out / "model.safetensors").read_bytes() == before  # the old checkpoint is intact
+    with pytest.raises(RuntimeError):
+        M.save_model(m, tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen2", "run"]  # nothing half-written
+
+
+def test_tied_head_shares_one_gradient(ckpt):
+    m = M.load_model(ckpt("llama"), device="cpu")
+    m(tokens_for(m, 1, 5)).sum().backward()
+    assert m.lm_head.weight is m.model.embed_tokens.weight and m.lm_head.weight.grad is not None
+
+
+# ---- bad input: one clear error naming the file and the key ----
+
+def test_bad_checkpoints(ckpt, tmp_path):
+    def err(path):
+        with pytest.raises(M.CheckpointError) as e:
+            M.load_model(path, device="cpu")
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    assert "no config.json" in err(tmp_path)
+
+    t = hf_tensors(KINDS["qwen2"])
+    del t["model.layers.1.mlp.up_proj.weight"]
+    assert "missing ['model.layers.1.mlp.up_proj.weight']" in err(ckpt("qwen2", name="missing", tensors=t))
+
+    t = {**hf_tensors(KINDS["qwen2"]), "model.layers.0.extra.weight": torch.zeros(2)}
+    assert "unexpected ['model.layers.0.extra.weight']" in err(ckpt("qwen2", name="extra", tensors=t))
+
+    t = hf_tensors(KINDS["qwen2"])
+    t["model.norm.weight"] = torch.ones(63)
+    msg = err(ckpt("qwen2", name="shape", tensors=t))
+    assert "model.norm.weight" in msg and "[63]" in msg and "[64]" in msg and "model.safetensors" in msg
+
+    msg = err(ckpt("qwen2", name="arch", architectures=["GPT2LMHeadModel"]))
+    assert "config.json" in msg and "GPT2LMHeadModel" in msg and "Qwen2ForCausalLM" in msg
+
+    msg = err(ckpt("llama", name="yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    assert "yarn" in msg and "config.json" in msg
+
+    msg = err(ckpt("qwen2", name="nokey", tensors=hf_tensors(KINDS["qwen2"]), hidden_size=None))
+    assert "'hidden_size'" in msg
+
+    bad = ckpt("qwen2", name="json")
+    (bad / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"],\n "vocab_size": }')
+    assert "invalid JSON at line 2" in err(bad)
+
+    trunc = ckpt("qwen2", name="truncated")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "model.safetensors: not a readable safetensors file" in err(trunc)
+
+    noweights = ckpt("qwen2", name="noweights")
+    (noweights / "model.safetensors").unlink()
+    assert "no model.safetensors" in err(noweights)
+
+
+# ---- tokenizer ----
+
+def test_tiny_tokenizer_round_trip(tmp_path):
+    tok = M.build_tokenizer()
+    text = "Stock: A=3 B=5.\nsell B 9: 9 > 9? no -> B=0"
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.decode(ids + tok.eos_ids) == text and tok.pad_id not in ids
+    assert tok.decode([tok.encode("é")[0]]) == ""  # unknown characters become <|unk|>, a special token
+    tok.save(tmp_path)
+    back = M.load_tokenizer(tmp_path)
+    assert back.encode(text) == ids and back.eos_ids == tok.eos_ids and back.pad_id == tok.pad_id
+    m = M.Transformer(M.tiny_config(tok.vocab_size))
+    assert sum(p.numel() for p in m.parameters()) < 5e6
+
+
+def test_tokenizer_ids_and_chat_formats(tmp_path):
+    tok = M.build_tokenizer()
+    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|eot_id|>"])
+    tok.save(tmp_path)
+    im_end, eot = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|eot_id|>")
+    template = ("{%- if messages[0]['role'] == 'system' %}...{%- else %}{{- '<|im_start|>system\\nYou are Qwen, "
+                "created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                                "chat_template": template}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eot, im_end]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "pad_token_id": 0}))
+    t = M.load_tokenizer(tmp_path)
+    assert t.eos_ids == [eot, im_end] and t.pad_id == tok.tok.token_to_id("<|endoftext|>")
+    assert t.chat_format == "chatml"
+    assert t.chat("2+2?") == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                              "assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert t.encode(t.chat("hi", system=""), special=False)[:1] == [tok.tok.token_to_id("<|im_start|>")]
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|start_header_id|> Cutting Knowledge Date"}))
+    t = M.load_tokenizer(tmp_path)
+    assert t.chat_format == "llama3" and t.eos_ids == [eot, im_end] and t.pad_id == 0
+    assert t.chat("hi") == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + M.LLAMA3_SYSTEM +
+                            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert M.load_tokenizer(tmp_path).chat("hi") == "hi"  # base model: plain text
+
+
+def test_bad_tokenizers(tmp_path):
+    with pytest.raises(M.CheckpointError, match="no tokenizer.json"):
+        M.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(M.CheckpointError, match="tokenizer.json: cannot be read"):
+        M.load_tokenizer(tmp_path)
