@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class CheckpointError(ValueError):
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = ("default", "linear", "llama3")
+SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=True) exists
 
 
 @dataclass
@@ -191,10 +192,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = slots used so far
-        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv heads
+        # grouped-query attention: each kv head serves n_head / n_kv query heads. Decoding one token
+        # lets SDPA share the heads (enable_gqa); copying the whole cache per step would cost more than
+        # the attention itself. Elsewhere the heads are repeated, which every SDPA kernel accepts.
+        gqa = self.n_kv != self.n_head
+        if gqa and (T > 1 or not SDPA_GQA):
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           **({"enable_gqa": True} if gqa else {}))  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -314,6 +321,23 @@ class KVCache:
         assert self.length + T <= self.k.shape[3], f"cache full: {self.length} + {T} > {self.k.shape[3]}"
         self.valid[:, self.length:self.length + T] = valid
         return self.valid[:, :self.length + T]
+
+    def prefix(self, rows) -> "KVCache":
+        """A cache over the first `rows` rows that shares this one's memory (prefill once, see tile_from)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.valid, view.length = self.k[:, :rows], self.v[:, :rows], self.valid[:rows], self.length
+        return view
+
+    def tile_from(self, prefix: "KVCache"):
+        """Copy the prefilled rows of `prefix` to all rows: row r takes row r % rows. This is how the n
+        samples of a prompt share one prefill."""
+        rows, S = prefix.k.shape[1], prefix.length
+        assert self.k.shape[1] % rows == 0, f"{self.k.shape[1]} rows is not a multiple of {rows}"
+        for r in range(rows, self.k.shape[1], rows):
+            self.k[:, r:r + rows, :, :S] = prefix.k[:, :, :, :S]
+            self.v[:, r:r + rows, :, :S] = prefix.v[:, :, :, :S]
+            self.valid[r:r + rows, :S] = prefix.valid[:, :S]
+        self.length = S
 
     def update(self, layer, k, v):
         """Write k, v (B, H_kv, T, D) at slots length..length+T-1; return all filled slots (B, H_kv, S, D)."""
@@ -615,7 +639,6 @@ def bench(cfg: ModelConfig, name, batch, seq, steps, device, dtype):
     dt = (time.perf_counter() - t0) / steps
     print(f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | B={batch} T={seq} | "
           f"fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | peak {peak_memory_gib(device):6.2f} GiB")
-    del model
 
 
 if __name__ == "__main__":

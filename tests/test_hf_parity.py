@@ -57,3 +57,25 @@ def test_logits_match_transformers(tmp_path, case, style):
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
         assert type(back).__name__ == f"{family}ForCausalLM"
         assert (back(tok).logits - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["qwen2", "llama"])
+def test_greedy_tokens_match_transformers_generate(tmp_path, case):
+    from rollout import generate
+
+    family, kw = CASES[case]
+    torch.manual_seed(1)
+    hf = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**SMALL, **kw)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(3)  # clear winners for greedy
+    hf.save_pretrained(tmp_path / "hf")
+    ours = M.load_model(tmp_path / "hf", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 19, 9, 1)]
+    pad, eos, P = 0, 7, 19
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                      pad_token_id=pad, eos_token_id=eos)[:, P:].tolist()
+    for s, r in zip(generate(ours, prompts, max_new_tokens=24, temperature=0, eos_ids=[eos], pad_id=pad), ref):
+        assert s.tokens == r[:len(s.tokens)] and all(t == pad for t in r[len(s.tokens):])

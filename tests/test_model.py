@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import model as M
 from conftest import KINDS, hf_tensors

@@ -1,0 +1,233 @@
+"""Batched sampling with a KV cache: the part of RL that takes most of the time.
+
+    samples = generate(model, prompts, n=4, max_new_tokens=64, temperature=1.0, eos_ids=tok.eos_ids, seed=0)
+
+Prompts of different lengths share one batch, left-padded (see model.py); the n samples of a prompt
+share one prefill, copied into n cache rows; each row stops on any end token and is not touched
+afterwards. Every sample carries the log-prob of each token it chose, under softmax(logits / T) with
+T = temperature (T = 1 when greedy), taken BEFORE top-k / top-p truncation: the same quantity that
+the training forward computes with log_softmax(logits / T), so PPO's ratio starts at exactly 1.
+
+Choices that are ours:
+1. Sampling uses the exponential race (argmax of p / q, q ~ Exp(1)), which draws from p with one
+   random tensor per step and no host sync; the same seed gives the same tokens.
+2. Row j * B + i of the batch is sample j of prompt i (sample-major), so generate(prompts, n) samples
+   exactly what generate(prompts * n, n=1) samples; the result is returned prompt-major.
+3. Finished rows stay in the batch (fed padding, their outputs ignored) rather than being compacted.
+"""
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+import model as M
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    tokens: list[int]  # the new tokens, the end token included when there is one
+    logprobs: list[float]  # log-prob of each new token under softmax(logits / T), before top-k / top-p
+    stopped: bool  # True: ended on an end token; False: ran into max_new_tokens
+
+
+def left_pad(prompts, pad_id, device):
+    """Prompts -> tokens (B, P) left-padded, valid (B, P) bool, positions (B, P) from 0 at each row's start."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    return tokens.to(device), valid.to(device), pos.to(device)
+
+
+def sample(logits, temperature, top_k, top_p, generator):
+    """logits (N, V) float32 -> tokens (N,), their log-probs (N,) under softmax(logits / T) (T = 1 if greedy)."""
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (N, V)
+    if temperature == 0:
+        tokens = logp.argmax(-1)
+    else:
+        masked = logp
+        if top_k:
+            kth = torch.topk(masked, min(top_k, masked.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+            masked = masked.masked_fill(masked < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_lp, idx = masked.sort(dim=-1, descending=True)
+            p = sorted_lp.softmax(-1)
+            drop = p.cumsum(-1) - p > top_p  # tokens after the smallest prefix holding top_p of the mass
+            masked = masked.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+        probs = masked.softmax(-1)  # (N, V), renormalised after truncation
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        tokens = (probs / q).argmax(-1)  # a draw from probs (choice 1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def check_prompts(model, prompts, max_new_tokens):
+    ctx, V = model.config.max_seq_len, model.config.vocab_size
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > ctx:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} that is "
+                             f"{len(p) + max_new_tokens} > the model's context of {ctx}")
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"prompt {i} has a token id outside [0, {V})")
+
+
+@torch.inference_mode()
+def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
+             seed=0, pad_id=0) -> list[Sample]:
+    """Sample n completions of each prompt (lists of token ids). temperature=0 is greedy. Returns
+    len(prompts) * n Samples, prompt-major: the n samples of prompt 0 first."""
+    if not prompts:
+        return []
+    check_prompts(model, prompts, max_new_tokens)
+    device = model.lm_head.weight.device
+    B, N = len(prompts), len(prompts) * n
+    tokens, valid, pos = left_pad(prompts, pad_id, device)  # (B, P) each
+
+    cache = model.new_cache(N, tokens.shape[1] + max_new_tokens)  # allocated once, for all N rows
+    prefill = cache.prefix(B)
+    logits = model(tokens, pos=pos, valid=valid, cache=prefill, last_only=True)[:, 0].float()  # (B, V)
+    cache.tile_from(prefill)  # row j * B + i: sample j of prompt i (choice 2)
+    logits = logits.repeat(n, 1)  # (N, V)
+    next_pos = valid.sum(1).repeat(n)  # (N,) position of each row's first new token
+
+    generator = torch.Generator(device).manual_seed(seed)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, device=device)
+    length = torch.zeros(N, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)  # stopped on an end token
+    for t in range(max_new_tokens):
+        tok, lp = sample(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
+        out[:, t] = tok.masked_fill(done, pad_id)  # finished rows are not touched
+        logprobs[:, t] = lp.masked_fill(done, 0.0)
+        length += ~done
+        done |= torch.isin(tok, eos)
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        logits = model(out[:, t:t + 1], pos=(next_pos + t)[:, None], cache=cache, last_only=True)[:, 0].float()
+
+    out, logprobs, length, done = out.tolist(), logprobs.tolist(), length.tolist(), done.tolist()
+    rows = [j * B + i for i in range(B) for j in range(n)]  # back to prompt-major
+    return [Sample(r % B, out[r][:length[r]], logprobs[r][:length[r]], done[r]) for r in rows]
+
+
+@torch.inference_mode()
+def generate_naive(model, prompts, max_new_tokens, pad_id=0):
+    """Greedy decoding that re-runs the full forward over prompt + tokens so far at every step, no
+    cache: the slow reference for tests and the benchmark. Returns new tokens (B, max_new_tokens)."""
+    tokens, valid, pos = left_pad(prompts, pad_id, model.lm_head.weight.device)
+    for _ in range(max_new_tokens):
+        tok = model(tokens, pos=pos, valid=valid, last_only=True)[:, 0].argmax(-1)  # (B,)
+        tokens = torch.cat([tokens, tok[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+    return tokens[:, -max_new_tokens:]
+
+
+# ---- benchmark: python rollout.py --bench ----
+
+def bench(model, name, batches, new_tokens, prompt_len, naive_max):
+    device = model.lm_head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    for B in batches:
+        prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g).tolist()
+        generate(model, prompts, max_new_tokens=4, temperature=0)  # warm-up
+        for T in new_tokens:
+            sync()
+            t0 = time.perf_counter()
+            generate(model, prompts, max_new_tokens=T, temperature=0)  # no end token: every row runs T steps
+            sync()
+            cached = B * T / (time.perf_counter() - t0)
+            line = f"{name:>12} | B={B:<3} prompt={prompt_len} new={T:<4} | cache {cached:9.1f} tok/s"
+            if B * T <= naive_max:
+                t0 = time.perf_counter()
+                generate_naive(model, prompts, T)
+                sync()
+                naive = B * T / (time.perf_counter() - t0)
+                line += f" | recompute {naive:9.1f} tok/s | speed-up {cached / naive:6.1f}x"
+            else:
+                line += f" | recompute skipped (B*new > --naive-max {naive_max})"
+            print(line, flush=True)
+
+
+def run_bench(args, device):
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, greedy, "
+          f"{'bfloat16' if device.type == 'cuda' else 'float32'}")
+    cpu, dtype = device.type == "cpu", (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    random_model = lambda cfg: M.Transformer(cfg).to(device, dtype).eval()  # weights don't change the speed
+    runs = {  # name: (build the model, batch sizes, new tokens)
+        "tiny": (lambda: random_model(M.tiny_config(M.build_tokenizer().vocab_size)), (1, 32), (128, 512)),
+        "qwen2.5-0.5b": (lambda: random_model(M.qwen25_05b_config()), (1, 4) if cpu else (1, 32),
+                         (32,) if cpu else (128, 512)),
+    }
+    if args.model:
+        runs = {args.model.rstrip("/").split("/")[-1]: (lambda: M.load_model(args.model, device), (1, 32), (128, 512))}
+    for name, (build, batches, new_tokens) in runs.items():
+        if args.only and name != args.only:
+            continue
+        torch.manual_seed(0)
+        bench(build(), name, args.batches or batches, args.new_tokens or new_tokens, args.prompt_len, args.naive_max)
+
+
+def run_cli(args, device):
+    model, tok = M.load_model(args.model, device), M.load_tokenizer(args.model)
+    texts = [tok.chat(x) if args.chat else x for x in args.prompt]
+    prompts = [tok.encode(x, special=not args.chat) for x in texts]
+    print(f"sampling {args.n} x {len(prompts)} from {args.model} on {device}", flush=True)
+    samples = generate(model, prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_ids=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)
+    for k, s in enumerate(samples):
+        end = "an end token" if s.stopped else "max-new-tokens"
+        print(f"--- prompt {s.prompt_index}, sample {k % args.n} ({len(s.tokens)} tokens, stopped on {end})")
+        print(tok.decode(s.tokens))
+
+
+def ints(s):
+    return [int(x) for x in s.split(",")]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Sample completions from a checkpoint, or benchmark the sampler.")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--model", help="a Hugging Face style folder (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--prompt", action="append", help="a prompt; repeat the flag for a batch of prompts")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per sample at most")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding this mass (1: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench", action="store_true", help="tokens/s of the cache sampler against the recompute loop")
+    b.add_argument("--batches", type=ints, default=None, help="batch sizes, comma-separated (default 1,32; 1,4 for the 0.5B shape on CPU)")
+    b.add_argument("--new-tokens", type=ints, default=None, help="new tokens, comma-separated (default 128,512; 32 for the 0.5B shape on CPU)")
+    b.add_argument("--prompt-len", type=int, default=32, help="prompt length of the benchmark's random prompts")
+    b.add_argument("--naive-max", type=int, default=4096, help="run the recompute loop only where batch * new tokens <= this")
+    b.add_argument("--only", choices=["tiny", "qwen2.5-0.5b"], help="benchmark only this default model")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = M.default_device() if args.device == "auto" else torch.device(args.device)
+
+    try:
+        if args.bench:
+            run_bench(args, device)
+        else:
+            if not args.model or not args.prompt:
+                p.error("give --model DIR and at least one --prompt (or --bench)")
+            run_cli(args, device)
+    except (M.CheckpointError, ValueError) as e:  # bad folder, prompt too long, ...: one line, no traceback
+        raise SystemExit(f"error: {e}")

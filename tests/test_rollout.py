@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+import model as M
+from rollout import Sample, generate, generate_naive
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    cfg = M.tiny_config(64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128)
+    m = M.Transformer(cfg).eval()
+    with torch.no_grad():  # a peakier distribution than the near-uniform init, so that greedy has clear winners
+        m.lm_head.weight.mul_(3)  # tied: scales the embeddings too; top token ~0.3
+    return m
+
+
+def prompts_of(lengths, seed=0, V=64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def full_logprobs(m, prompt, tokens, temperature=1.0):
+    """log_softmax(logits / T) of one full forward over prompt + completion, at the completion's tokens."""
+    seq = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        lp = torch.log_softmax(m(seq)[0, len(prompt) - 1:-1] / temperature, dim=-1)
+    return lp.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_greedy_batch_equals_each_prompt_alone(lm):
+    prompts = prompts_of([3, 17, 9, 1])
+    batch = generate(lm, prompts, max_new_tokens=12, temperature=0)
+    for i, p in enumerate(prompts):
+        alone = generate(lm, [p], max_new_tokens=12, temperature=0)[0]
+        assert batch[i].tokens == alone.tokens and batch[i].prompt_index == i
+        assert max(abs(a - b) for a, b in zip(batch[i].logprobs, alone.logprobs)) <= 1e-5
+
+
+def test_cached_equals_recompute(lm):
+    prompts = prompts_of([5, 11, 2])
+    cached = generate(lm, prompts, max_new_tokens=16, temperature=0)
+    naive = generate_naive(lm, prompts, 16).tolist()
+    for s, ref, p in zip(cached, naive, prompts):
+        assert s.tokens == ref
+        want = full_logprobs(lm, p, s.tokens)
+        assert (torch.tensor(s.logprobs) - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9)])
+def test_logprobs_equal_the_training_forward(lm, temperature, top_k, top_p):
+    prompts = prompts_of([4, 9])
+    for s in generate(lm, prompts, n=3, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3):
+        want = full_logprobs(lm, prompts[s.prompt_index], s.tokens, temperature)
+        assert (torch.tensor(s.logprobs) - want).abs().max() <= 1e-5
+
+
+def test_seeds(lm):
+    prompts = prompts_of([6, 3])
+    a = generate(lm, prompts, n=4, max_new_tokens=20, seed=1)
+    b = generate(lm, prompts, n=4, max_new_tokens=20, seed=1)
+    c = generate(lm, prompts, n=4, max_new_tokens=20, seed=2)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.tokens for s in a] != [s.tokens for s in c]
+    assert len({tuple(s.tokens) for s in a[:4]}) > 1  # the n samples of one prompt differ
+
+
+def test_n_samples_share_a_prefill_like_separate_prefills(lm):
+    prompts = prompts_of([7, 2, 12])
+    shared = generate(lm, prompts, n=3, max_new_tokens=15, seed=5)
+    separate = generate(lm, prompts * 3, n=1, max_new_tokens=15, seed=5)  # row j * B + i = sample j of prompt i
+    assert [s.prompt_index for s in shared] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for k, s in enumerate(shared):
+        i, j = divmod(k, 3)
+        t = separate[j * 3 + i]
+        assert s.tokens == t.tokens and s.stopped == t.stopped
+        assert max(abs(a - b) for a, b in zip(s.logprobs, t.logprobs)) <= 1e-5
+
+
+def test_rows_stop_independently(lm):
+    prompts = prompts_of([5, 8, 3, 10])
+    free = generate(lm, prompts, max_new_tokens=12, temperature=0)
+    eos = free[1].tokens[4]  # an end token that row 1 emits at step 4
+    stopped = generate(lm, prompts, max_new_tokens=12, temperature=0, eos_ids=[eos])
+    for f, s in zip(free, stopped):
+        if eos in f.tokens:
+            cut = f.tokens.index(eos) + 1
+            assert s.stopped and s.tokens == f.tokens[:cut] and len(s.logprobs) == cut
+        else:
+            assert not s.stopped and s.tokens == f.tokens and len(s.tokens) == 12
+    assert stopped[1].stopped and len(stopped[1].tokens) <= 5
+
+
+def test_top_k_one_is_greedy(lm):
+    prompts = prompts_of([4, 13])
+    greedy = generate(lm, prompts, max_new_tokens=10, temperature=0)
+    topk1 = generate(lm, prompts, max_new_tokens=10, temperature=0.8, top_k=1, seed=9)
+    assert [s.tokens for s in greedy] == [s.tokens for s in topk1]
+
+
+def test_top_k_and_top_p_keep_to_their_sets(lm):
+    prompt = prompts_of([6])
+    with torch.no_grad():
+        logits = lm(torch.tensor(prompt))[0, -1]
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    firsts = {generate(lm, prompt, max_new_tokens=1, top_k=3, seed=s)[0].tokens[0] for s in range(40)}
+    assert firsts <= top3 and len(firsts) > 1
+    probs = logits.softmax(-1)
+    p_sorted, idx = probs.sort(descending=True)
+    nucleus = set(idx[: int((p_sorted.cumsum(0) < 0.5).sum()) + 1].tolist())
+    firsts = {generate(lm, prompt, max_new_tokens=1, top_p=0.5, seed=s)[0].tokens[0] for s in range(40)}
+    assert firsts <= nucleus
+
+
+def test_edge_cases_and_errors(lm):
+    assert generate(lm, [], max_new_tokens=5) == []
+    s = generate(lm, [[5]], max_new_tokens=3, temperature=0)[0]
+    assert isinstance(s, Sample) and len(s.tokens) == 3 and not s.stopped
+    with pytest.raises(ValueError, match=r"prompt 1 has 120 tokens; with max_new_tokens 10 that is 130 > the model's context of 128"):
+        generate(lm, [[5] * 3, [5] * 120], max_new_tokens=10)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(lm, [[]], max_new_tokens=10)
+    with pytest.raises(ValueError, match="outside"):
+        generate(lm, [[1, 64]], max_new_tokens=10)
+
+
+def test_cli_samples_from_a_saved_checkpoint_and_refuses_bad_input(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tok = M.build_tokenizer()
+    torch.manual_seed(0)
+    M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, num_hidden_layers=1, hidden_size=32,
+                                             intermediate_size=64, max_position_embeddings=64)), tmp_path / "m", tok)
+    script = str(Path(__file__).resolve().parents[1] / "rollout.py")
+    run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True, timeout=120)
+    ok = run("--model", str(tmp_path / "m"), "--prompt", "A=3", "--prompt", "B", "--n", "2", "--max-new-tokens", "5")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("--- prompt") == 4 and "prompt 1, sample 1 (5 tokens, stopped on max-new-tokens)" in ok.stdout
+    bad = run("--model", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no config.json (expected a Hugging Face model folder)"]
+    long = run("--model", str(tmp_path / "m"), "--prompt", "x" * 60, "--max-new-tokens", "10")
+    assert long.returncode != 0 and "prompt 0 has 60 tokens" in long.stderr and "Traceback" not in long.stderr
