@@ -14,8 +14,9 @@ Choices that are ours (the paper says nothing about the network itself):
    index at each step, which is what left padding allows.
 3. Sliding-window attention is not implemented: a Mistral / Qwen2 checkpoint that uses a window is
    loaded with its context capped at the window, where full attention and windowed attention agree.
-4. The tiny default model (a few million parameters) and its character-level tokenizer serve the
-   embedded domain; they go through the same save / load path as a real checkpoint.
+4. The tiny default model (a few million parameters) and a word-level tokenizer built with the
+   `tokenizers` library serve the embedded domain; they go through the same save / load path as a
+   real checkpoint.
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models
+from tokenizers import Regex, decoders, models, pre_tokenizers
 
 
 class CheckpointError(ValueError):
@@ -561,19 +562,26 @@ def load_tokenizer(path) -> Tokenizer:
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|unk|>"]
 
 
-def build_tokenizer(chars: str | None = None) -> Tokenizer:
-    """A character-level tokenizer: one token per character (printable ASCII and newline by default),
-    plus <|pad|>, <|endoftext|> (eos) and <|unk|>. Saved as tokenizer.json like any other."""
-    chars = chars if chars is not None else "\n" + "".join(chr(c) for c in range(32, 127))
+def build_tokenizer(words) -> Tokenizer:
+    """A word-level tokenizer (the `tokenizers` WordLevel model) for a closed vocabulary: each word is
+    one token, once bare (at a line start) and once with its leading space, "\n" is a token, plus
+    <|pad|>, <|endoftext|> (eos) and <|unk|>. Text of these words separated by single spaces and
+    newlines decodes back exactly. Saved as tokenizer.json like any other tokenizer."""
     vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))  # no merges: characters
+    for w in ["\n", *words]:
+        assert w == "\n" or not any(c.isspace() for c in w), f"word {w!r} holds whitespace"
+        for piece in (w, " " + w) if w != "\n" else (w,):
+            vocab.setdefault(piece, len(vocab))
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| ?[^ \n]+"), behavior="isolated")  # " word" pieces
+    tok.decoder = decoders.Fuse()  # pieces carry their own spaces: join them as they are
     tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()  # join characters without spaces
     files = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                                        "pad_token": "<|pad|>", "unk_token": "<|unk|>"}}
     return Tokenizer(tok, [vocab["<|endoftext|>"]], vocab["<|pad|>"], files=files)
+
+
+TINY_VOCAB = 256  # about the embedded domain's vocabulary (domain.tokenizer()); for benchmarks
 
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
@@ -657,5 +665,5 @@ if __name__ == "__main__":
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory is "
           f"{'allocated CUDA memory' if device.type == 'cuda' else 'the process peak RSS, reset per config'}")
     big = (8, 1024) if device.type == "cuda" else (1, 256)
-    bench(tiny_config(build_tokenizer().vocab_size), "tiny", 8, 256, args.steps, device, dtype)
+    bench(tiny_config(TINY_VOCAB), "tiny", 8, 256, args.steps, device, dtype)
     bench(qwen25_05b_config(), "qwen2.5-0.5b", *big, args.steps, device, dtype)

@@ -135,7 +135,7 @@ def test_save_then_load_is_exact(ckpt, tmp_path):
     for kind in ("qwen2", "llama", "mistral"):
         m = M.load_model(ckpt(kind), device="cpu")
         out = tmp_path / f"saved_{kind}"
-        tokenizer = M.build_tokenizer()
+        tokenizer = M.build_tokenizer(WORDS)
         M.save_model(m, out, tokenizer=tokenizer)
         back = M.load_model(out, device="cpu")
         a, b = m.state_dict(), back.state_dict()
@@ -233,22 +233,27 @@ def test_bad_checkpoints(ckpt, tmp_path):
 
 # ---- tokenizer ----
 
-def test_tiny_tokenizer_round_trip(tmp_path):
-    tok = M.build_tokenizer()
-    text = "Stock: A=3 B=5.\nsell B 9: 9 > 9? no -> B=0"
+WORDS = ["Stock", ":", "A", "B", "=", "3", "5", "0", "9", "sell", "->", ">", "?", "no"]
+
+
+def test_word_tokenizer_round_trip(tmp_path):
+    tok = M.build_tokenizer(WORDS)
+    text = "Stock : A = 3 B = 5\nsell B 9 : 9 > 9 ? no -> B = 0"
     ids = tok.encode(text)
-    assert len(ids) == len(text) and tok.decode(ids) == text
-    assert tok.decode(ids + tok.eos_ids) == text and tok.pad_id not in ids
-    assert tok.decode([tok.encode("é")[0]]) == ""  # unknown characters become <|unk|>, a special token
+    assert len(ids) == len(text.split()) + 1  # one token a word, one for the newline
+    assert tok.decode(ids) == text and tok.decode(ids + tok.eos_ids) == text and tok.pad_id not in ids
+    unk = tok.encode("Stock x")
+    assert tok.decode(unk) == "Stock" and len(unk) == 2  # an unknown word is <|unk|>, a special token
     tok.save(tmp_path)
     back = M.load_tokenizer(tmp_path)
     assert back.encode(text) == ids and back.eos_ids == tok.eos_ids and back.pad_id == tok.pad_id
+    assert back.vocab_size == tok.vocab_size == 3 + 1 + 2 * len(WORDS)
     m = M.Transformer(M.tiny_config(tok.vocab_size))
     assert sum(p.numel() for p in m.parameters()) < 5e6
 
 
 def test_tokenizer_ids_and_chat_formats(tmp_path):
-    tok = M.build_tokenizer()
+    tok = M.build_tokenizer(WORDS)
     tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|eot_id|>"])
     tok.save(tmp_path)
     im_end, eot = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|eot_id|>")
@@ -263,7 +268,7 @@ def test_tokenizer_ids_and_chat_formats(tmp_path):
     assert t.chat_format == "chatml"
     assert t.chat("2+2?") == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                               "assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert t.encode(t.chat("hi", system=""), special=False)[:1] == [tok.tok.token_to_id("<|im_start|>")]
+    assert t.encode(t.chat("A", system=""), special=False)[:1] == [tok.tok.token_to_id("<|im_start|>")]
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|start_header_id|> Cutting Knowledge Date"}))
     t = M.load_tokenizer(tmp_path)

@@ -129,16 +129,16 @@ def test_cli_samples_from_a_saved_checkpoint_and_refuses_bad_input(tmp_path):
     import sys
     from pathlib import Path
 
-    tok = M.build_tokenizer()
+    tok = M.build_tokenizer(["A", "B", "=", "3"])
     torch.manual_seed(0)
     M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, num_hidden_layers=1, hidden_size=32,
                                              intermediate_size=64, max_position_embeddings=64)), tmp_path / "m", tok)
     script = str(Path(__file__).resolve().parents[1] / "rollout.py")
     run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True, timeout=120)
-    ok = run("--model", str(tmp_path / "m"), "--prompt", "A=3", "--prompt", "B", "--n", "2", "--max-new-tokens", "5")
+    ok = run("--model", str(tmp_path / "m"), "--prompt", "A = 3", "--prompt", "B", "--n", "2", "--max-new-tokens", "5")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("--- prompt") == 4 and "prompt 1, sample 1 (5 tokens, stopped on max-new-tokens)" in ok.stdout
     bad = run("--model", str(tmp_path / "nowhere"), "--prompt", "x")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no config.json (expected a Hugging Face model folder)"]
-    long = run("--model", str(tmp_path / "m"), "--prompt", "x" * 60, "--max-new-tokens", "10")
+    long = run("--model", str(tmp_path / "m"), "--prompt", " ".join(["A"] * 60), "--max-new-tokens", "10")
     assert long.returncode != 0 and "prompt 0 has 60 tokens" in long.stderr and "Traceback" not in long.stderr

@@ -1,0 +1,352 @@
+"""The vertical domain: problems, the expert rules, routes written by teachers, the answer checker,
+JSONL files, and the embedded default domain that needs no download.
+
+The embedded domain is a stock ledger whose answer depends on rules the question does not state:
+
+    Stock : A = 3 , B = 5 , C = 2 . Events : sell B 9 ; restock B ; spoil B ; sell A 2 . How many B ?
+
+    sell B 9 : 9 > 5 no sale -> B = 5          <- R2: a sale larger than the stock sells nothing
+    restock B : 5 + 5 = 10 -> B = 10           <- R1: restock adds 5
+    spoil B : 10 / 2 = 5 -> B = 5              <- R3: spoilage halves the stock, rounding down
+    sell A 2 : other -> B = 5                  <- another item: the asked count is restated
+    Answer : 5
+
+A teacher that is told the rules (EXPERT) writes such routes; one that is not (GUESSED) assumes
+plausible but wrong rules. Negative routes make one decisive mistake (a rule misapplied, a forgotten
+exception, an arithmetic or copy slip) and then go on consistently to a wrong answer.
+
+Choices that are ours (the paper uses real vertical domains; this one stands in for them on a CPU):
+1. The ledger, its four rules, and the route format: one line per event, each ending with the asked
+   item's count (a tiny model learns such chains faster than ones that restate only the changed item).
+2. Answers are spread evenly over 0..20 (rejection sampling), so a constant guess scores 1/21 < 5 %.
+3. Difficulty: 3-8 events, 3 items, half the events on the asked item for train / dev / test; the
+   "hard" split keeps to the hard end of what training covers: 7-8 events, three quarters of them on
+   the asked item (more rules applied per problem), rather than lengths never trained on.
+4. A word-level vocabulary (every number 0..99, item and keyword one token): reading multi-character
+   numbers is what a tiny character-level model fails at, not the reasoning.
+"""
+
+import argparse
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import model as M
+
+
+class DataError(ValueError):
+    """Bad data: the message is one line naming the file and the line."""
+
+
+# ---- problems and routes ----
+
+@dataclass
+class Route:
+    text: str  # step lines, then "Answer : X"
+    correct: bool
+    first_wrong: int | None = None  # 1-based index of the first wrong step line; None if correct or unknown
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: str
+    rules: str | None = None  # the expert knowledge, for the teacher only
+    routes: list[Route] = field(default_factory=list)  # from a JSONL file; empty for the embedded domain
+    ledger: tuple | None = None  # embedded domain: (stock dict, events, asked item), for its teachers
+
+
+# ---- the embedded domain: a stock ledger under hidden rules ----
+
+ITEMS = "ABCD"
+MAX_ANSWER = 20  # answers are 0..20
+RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
+         "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How a writer of routes applies the events. EXPERT are the domain's rules; GUESSED is what a
+    teacher that was not told them assumes."""
+    restock: int = 5  # R1
+    oversell: str = "nothing"  # R2: "nothing" sells nothing; "all" empties the shelf
+    spoil: str = "half"  # R3: "half" rounds down; "minus1" removes one unit
+    cap: int | None = 20  # R4
+
+
+EXPERT = Rules()
+GUESSED = Rules(restock=10, oversell="all", spoil="minus1", cap=None)
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    min_events: int = 3
+    max_events: int = 8
+    items: int = 3
+    p_asked: float = 0.5  # probability that an event concerns the asked item
+    max_stock: int = 9  # initial stocks are 0..max_stock
+
+
+SPLITS = {"train": Difficulty(), "dev": Difficulty(), "test": Difficulty(),
+          "hard": Difficulty(min_events=7, max_events=8, p_asked=0.75)}
+WORDS = ([str(i) for i in range(100)] + list(ITEMS) +
+         "Stock : = , . Events ; How many ? sell restock return spoil other -> + - / > no sale all sold "
+         "Answer Route sound wrong at step".split())
+
+
+def tokenizer() -> M.Tokenizer:
+    """The embedded domain's word-level tokenizer (see model.build_tokenizer)."""
+    return M.build_tokenizer(WORDS)
+
+
+def event_text(event):
+    kind, item, n = event
+    return f"{kind} {item} {n}" if kind in ("sell", "return") else f"{kind} {item}"
+
+
+def apply(rules: Rules, event, v):
+    """One event on the asked item's count v -> (the working shown in the route, the new count)."""
+    kind, _, n = event
+    if kind == "sell":
+        if n > v:
+            return (f"{n} > {v} no sale", v) if rules.oversell == "nothing" else (f"{n} > {v} all sold", 0)
+        return f"{v} - {n} = {v - n}", v - n
+    if kind == "spoil":
+        return (f"{v} / 2 = {v // 2}", v // 2) if rules.spoil == "half" else (f"{v} - 1 = {max(v - 1, 0)}", max(v - 1, 0))
+    add = rules.restock if kind == "restock" else n
+    if rules.cap is not None and v + add > rules.cap:
+        return f"{v} + {add} = {v + add} > {rules.cap}", rules.cap
+    return f"{v} + {add} = {v + add}", v + add
+
+
+def write_route(ledger, rules: Rules = EXPERT, slip=None) -> tuple[str, int]:
+    """Write the route for a ledger under `rules` -> (text, final count). slip = (step, line, count)
+    replaces step `step` (0-based) with a wrong line and count; later steps follow on consistently."""
+    stock, events, asked = ledger
+    v, lines = stock[asked], []
+    for i, event in enumerate(events):
+        if slip is not None and slip[0] == i:
+            line, v = slip[1], slip[2]
+        elif event[1] == asked:
+            work, v = apply(rules, event, v)
+            line = f"{event_text(event)} : {work} -> {asked} = {v}"
+        else:
+            line = f"{event_text(event)} : other -> {asked} = {v}"
+        lines.append(line)
+    return "\n".join(lines + [f"Answer : {v}"]), v
+
+
+def random_ledger(rng: random.Random, d: Difficulty):
+    items = ITEMS[:d.items]
+    stock = {x: rng.randint(0, d.max_stock) for x in items}
+    asked = rng.choice(items)
+    events = []
+    for _ in range(rng.randint(d.min_events, d.max_events)):
+        item = asked if rng.random() < d.p_asked else rng.choice([x for x in items if x != asked])
+        kind = rng.choice(["sell", "sell", "restock", "return", "spoil"])
+        n = rng.randint(1, 9) if kind == "sell" else rng.randint(1, 5) if kind == "return" else 0
+        events.append((kind, item, n))
+    return stock, events, asked
+
+
+def make_problem(rng: random.Random, d: Difficulty = Difficulty(), target: int | None = None) -> Problem:
+    """A random ledger whose answer is `target` (drawn from 0..MAX_ANSWER when None): rejection sampling."""
+    target = rng.randint(0, MAX_ANSWER) if target is None else target
+    while True:
+        ledger = random_ledger(rng, d)
+        text, answer = write_route(ledger)
+        if answer == target:
+            break
+    stock, events, asked = ledger
+    question = (f"Stock : {' , '.join(f'{x} = {n}' for x, n in stock.items())} . "
+                f"Events : {' ; '.join(event_text(e) for e in events)} . How many {asked} ?")
+    return Problem(question, str(answer), RULES, [], ledger)
+
+
+def split(name: str, n: int, seed: int = 0) -> list[Problem]:
+    """n problems of a split, every answer 0..MAX_ANSWER equally often (so no constant guess beats
+    1/21 by more than one problem). Each split draws from its own seed stream, so splits are disjoint
+    (up to chance collisions, which the tests measure as none at these sizes)."""
+    if name not in SPLITS:
+        raise DataError(f"unknown split {name!r} (splits: {', '.join(SPLITS)})")
+    rng = random.Random(f"ledger-{name}-{seed}")
+    targets = [i % (MAX_ANSWER + 1) for i in range(n)]
+    rng.shuffle(targets)
+    return [make_problem(rng, SPLITS[name], t) for t in targets]
+
+
+# ---- teachers ----
+
+def teacher_route(problem: Problem, guided: bool = True) -> Route:
+    """The programmatic teacher: told the rules (guided) it is always right; without them it applies
+    GUESSED, right only where no rule it guesses wrong comes into play."""
+    text, answer = write_route(problem.ledger, EXPERT if guided else GUESSED)
+    return Route(text, check(str(answer), problem.answer))
+
+
+def mistake(event, v, rng: random.Random):
+    """A wrong working for one event on count v -> (working, wrong count): a rule misapplied or an
+    exception forgotten where the event allows one, else an arithmetic slip."""
+    kind, _, n = event
+    wrong_rules = []
+    if kind == "restock":
+        wrong_rules.append(Rules(restock=rng.choice([3, 4, 6, 10])))  # R1 misapplied
+    if kind == "sell" and n > v:
+        wrong_rules.append(Rules(oversell="all"))  # R2 forgotten
+    if kind == "spoil":
+        wrong_rules.append(Rules(spoil="minus1"))  # R3 misapplied
+    if kind in ("restock", "return") and v + (EXPERT.restock if kind == "restock" else n) > EXPERT.cap:
+        wrong_rules.append(Rules(cap=None))  # R4 forgotten
+    if wrong_rules and rng.random() < 0.75:
+        return apply(rng.choice(wrong_rules), event, v)
+    work, right = apply(EXPERT, event, v)
+    w = max(0, right + rng.choice([-2, -1, 1, 2]))
+    return re.sub(r"= \d+$", f"= {w}", work), w  # the working's result is off (or only the restated count)
+
+
+def negative_route(problem: Problem, rng: random.Random) -> Route:
+    """A plausible wrong route: one decisive mistake at one step, then consistent to a wrong answer."""
+    stock, events, asked = problem.ledger
+    counts = [stock[asked]]  # the true count before each step, and after the last
+    for e in events:
+        counts.append(apply(EXPERT, e, counts[-1])[1] if e[1] == asked else counts[-1])
+    on_asked = [i for i, e in enumerate(events) if e[1] == asked]
+    for _ in range(100):
+        i = rng.choice(on_asked) if on_asked and rng.random() < 0.8 else rng.randrange(len(events))
+        e, v = events[i], counts[i]
+        if e[1] == asked:
+            work, w = mistake(e, v, rng)
+            line = f"{event_text(e)} : {work} -> {asked} = {w}"
+        else:  # a copy slip: the restated count is off by one
+            w = v + rng.choice([-1, 1]) if v > 0 else 1
+            line = f"{event_text(e)} : other -> {asked} = {w}"
+        if w == counts[i + 1]:
+            continue
+        text, answer = write_route(problem.ledger, slip=(i, line, w))
+        if str(answer) != problem.answer:
+            return Route(text, False, i + 1)
+    raise RuntimeError(f"no negative route found for: {problem.question}")
+
+
+# ---- the answer checker ----
+
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def normalize(answer) -> str:
+    """Canonical form of an answer; never raises. Numbers lose thousands separators, currency signs,
+    a trailing full stop and trailing zeros ('$1,000.50' -> '1000.5'); other text is lower-cased with
+    whitespace collapsed."""
+    s = " ".join(str(answer).split()).strip().rstrip(".").lower()
+    num = s.replace(",", "").lstrip("$€£").rstrip("%")
+    if len(num) <= 64 and NUMBER.fullmatch(num):
+        try:
+            d = Decimal(num)
+            if d.is_finite() and abs(d.adjusted()) < 30:
+                s = format(d.normalize() if d else Decimal(0), "f")  # '-0', '0.0' -> '0'
+        except (InvalidOperation, ValueError):
+            pass
+    return s
+
+
+def check(predicted, answer) -> bool:
+    """Whether a predicted answer equals the reference after normalization; never raises."""
+    if predicted is None:
+        return False
+    p = normalize(predicted)
+    return p != "" and p == normalize(answer)
+
+
+# ---- JSONL files ----
+
+def gsm8k_answer(answer: str) -> str:
+    """GSM8K writes its solution, then '#### 42': keep what follows the last '####'."""
+    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
+
+
+def load_jsonl(path) -> list[Problem]:
+    """One JSON object a line: question and answer required; rules (teacher only) and routes
+    ([{"text": ..., "correct": true|false, "first_wrong": step (optional)}]) optional."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    problems = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+            q, a = d.get("question"), d.get("answer")
+            if not isinstance(q, str) or not q.strip():
+                raise DataError(f"{where}: 'question' is missing or not a non-empty string")
+            if isinstance(a, bool) or not isinstance(a, (str, int, float)) or not str(a).strip():
+                raise DataError(f"{where}: 'answer' is missing or not a string or number")
+            rules = d.get("rules")
+            if rules is not None and not isinstance(rules, str):
+                raise DataError(f"{where}: 'rules' must be a string")
+            routes = d.get("routes", [])
+            if not isinstance(routes, list):
+                raise DataError(f"{where}: 'routes' must be a list")
+            parsed = []
+            for k, r in enumerate(routes):
+                if not (isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("correct"), bool)):
+                    raise DataError(f"{where}: routes[{k}] needs 'text' (string) and 'correct' (true or false)")
+                fw = r.get("first_wrong")
+                if fw is not None and (isinstance(fw, bool) or not isinstance(fw, int) or fw < 1):
+                    raise DataError(f"{where}: routes[{k}].first_wrong must be a step number >= 1")
+                parsed.append(Route(r["text"], r["correct"], fw))
+            problems.append(Problem(q, gsm8k_answer(str(a)), rules, parsed))
+    if not problems:
+        raise DataError(f"{path}: no problems (the file is empty)")
+    return problems
+
+
+def save_jsonl(problems, path):
+    """Write problems as JSONL (the embedded domain's structured ledger is not written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in problems:
+            d = {"question": p.question, "answer": p.answer, "rules": p.rules,
+                 "routes": [{"text": r.text, "correct": r.correct, "first_wrong": r.first_wrong} for r in p.routes]}
+            f.write(json.dumps(d) + "\n")
+    tmp.replace(path)
+
+
+# ---- python domain.py: a look at the embedded domain ----
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Show problems, routes and statistics of the embedded domain.")
+    ap.add_argument("--split", default="train", choices=list(SPLITS), help="which split to show")
+    ap.add_argument("--n", type=int, default=2000, help="problems to draw for the statistics")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split")
+    ap.add_argument("--write", metavar="FILE", help="also write the problems as JSONL to this file")
+    args = ap.parse_args()
+    problems = split(args.split, args.n, args.seed)
+    rng = random.Random(0)
+    p = problems[0]
+    print(f"question: {p.question}\nrules (teacher only): {p.rules}\n\npositive route:\n{teacher_route(p).text}\n")
+    neg = negative_route(p, rng)
+    print(f"negative route (first wrong step {neg.first_wrong}):\n{neg.text}\n")
+    guessed = sum(teacher_route(q, guided=False).correct for q in problems) / len(problems)
+    mode, count = Counter(q.answer for q in problems).most_common(1)[0]
+    steps = Counter(len(q.ledger[1]) for q in problems)
+    print(f"{args.split}: {len(problems)} problems; events {dict(sorted(steps.items()))}")
+    print(f"teacher with the rules: 100.0 % right; without them: {100 * guessed:.1f} %")
+    print(f"best constant guess ('{mode}'): {100 * count / len(problems):.1f} %")
+    n_tokens = [len(tokenizer().encode(q.question + "\n" + teacher_route(q).text)) for q in problems[:200]]
+    print(f"question + route: {sum(n_tokens) / len(n_tokens):.0f} tokens on average, {max(n_tokens)} at most")
+    if args.write:
+        save_jsonl([Problem(q.question, q.answer, q.rules, [teacher_route(q), negative_route(q, rng)]) for q in problems], args.write)
+        print(f"wrote {args.write}")

@@ -1,0 +1,164 @@
+"""Multi-Route Process Verification (MRPV): the policy reads the question and K external reasoning
+routes, some right and some wrong, says of each whether its process is sound and where it first
+goes wrong, then reasons itself and answers. It is rewarded for the answer AND for its verdicts, so
+it learns from wrong routes too (rejection-sampling fine-tuning would throw them away).
+
+Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed):
+
+    Stock : A = 3 , B = 5 . Events : restock B ; sell B 9 . How many B ?
+    Route 1 :
+    restock B : 5 + 5 = 10 -> B = 10
+    sell B 9 : 9 > 10 no sale -> B = 10
+    Answer : 10
+    Route 2 :
+    restock B : 5 + 5 = 10 -> B = 10
+    sell B 9 : 10 - 9 = 1 -> B = 1
+    Answer : 1
+
+Response: one verdict line per shown route, in order, then the model's own steps, then the answer:
+
+    Route 1 : wrong at step 2
+    Route 2 : sound
+    restock B : 5 + 5 = 10 -> B = 10
+    sell B 9 : 10 - 9 = 1 -> B = 1
+    Answer : 1
+
+With no route shown, the prompt is exactly the autonomous prompt ("<question>\\n") and the response
+is the steps and the answer alone: one policy serves both modes.
+
+Choices that are ours (the paper does not fix them):
+1. Rewards, each in [0, 1]: answer (the checker of domain.py), verdict (share of shown routes judged
+   right: sound or wrong), step (share of shown wrong routes whose first wrong step is named exactly:
+   the "process" part), format (1 when the layout above is kept exactly). The total is their weighted
+   mean over the parts that apply: with no route shown only answer and format count; step counts
+   only when a wrong route with a known first wrong step is shown. Default weights 1, 0.5, 0.5, 0.1.
+2. A route shown only in part (EAAI) is judged on what is shown: it is wrong only if its first wrong
+   step is among the shown lines. Routes whose first wrong step is unknown are always shown whole.
+3. The first answer line counts and the first verdict for a route counts; any repeat breaks the
+   format (reward 0 for format), so hedging with several answers never pays.
+4. The number of wrong routes among k shown is Binomial(k, neg_share), so all-wrong and all-right
+   sets both occur and following the majority is not a winning strategy.
+"""
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+from domain import Problem, Route, check
+
+VERDICT = re.compile(r"Route (\d{1,4}) : (sound|wrong(?: at step (\d{1,4}))?)")
+ANSWER = re.compile(r"answer\s*:\s*(.*)", re.IGNORECASE)
+
+
+# ---- routes shown and the prompt ----
+
+def select_routes(bank: list[Route], k: int, neg_share: float, rng: random.Random) -> list[Route]:
+    """Draw k routes from a problem's bank, about neg_share of them wrong (choice 4), in shuffled order.
+    Fewer than k when the bank runs short."""
+    pos = [r for r in bank if r.correct]
+    neg = [r for r in bank if not r.correct]
+    n_neg = min(sum(rng.random() < neg_share for _ in range(k)), len(neg))
+    n_pos = min(k - n_neg, len(pos))
+    n_neg = min(k - n_pos, len(neg))  # top up with wrong routes where right ones run short
+    chosen = rng.sample(neg, n_neg) + rng.sample(pos, n_pos)
+    rng.shuffle(chosen)
+    return chosen
+
+
+def show(route: Route, frac: float) -> Route:
+    """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one), the
+    answer line only when the whole route is shown; labelled by what is shown (choice 2)."""
+    lines = route.text.split("\n")
+    steps = [x for x in lines if not ANSWER.fullmatch(x.strip())]
+    m = max(1, math.ceil(frac * len(steps)))
+    if frac >= 1 or m >= len(steps) or (not route.correct and route.first_wrong is None):
+        return route
+    wrong_shown = route.first_wrong is not None and route.first_wrong <= m
+    return Route("\n".join(steps[:m]), not wrong_shown, route.first_wrong if wrong_shown else None)
+
+
+def build_prompt(problem: Problem, routes: list[Route]) -> str:
+    """The question, then each shown route under "Route k :". No routes: the autonomous prompt."""
+    return problem.question + "\n" + "".join(f"Route {k} :\n{r.text}\n" for k, r in enumerate(routes, 1))
+
+
+def verdict_line(k: int, route: Route) -> str:
+    if route.correct:
+        return f"Route {k} : sound"
+    return f"Route {k} : wrong at step {route.first_wrong}" if route.first_wrong else f"Route {k} : wrong"
+
+
+def teacher_response(routes: list[Route], solution: str) -> str:
+    """The response a teacher that knows each route's label writes: verdicts, then its own solution
+    (step lines and the answer line)."""
+    return "".join(verdict_line(k, r) + "\n" for k, r in enumerate(routes, 1)) + solution
+
+
+# ---- parsing a completion ----
+
+@dataclass
+class Parsed:
+    verdicts: dict  # route number -> None ("sound") or the step named as first wrong (0: "wrong", no step)
+    answer: str | None  # None: no answer line
+    layout: str  # one letter a line: V verdict, S step, A answer, E empty
+    verdict_order: list  # route numbers of the verdict lines, in order
+
+
+def parse(completion) -> Parsed:
+    """Verdicts and answer of a completion. Never raises: garbage gives no verdicts and no answer."""
+    text = completion if isinstance(completion, str) else ""
+    verdicts, answer, layout, order = {}, None, [], []
+    for line in text.strip().split("\n"):
+        line = line.strip()
+        if m := VERDICT.fullmatch(line):
+            k = int(m.group(1))
+            verdicts.setdefault(k, None if m.group(2) == "sound" else int(m.group(3) or 0))
+            layout.append("V")
+            order.append(k)
+        elif m := ANSWER.fullmatch(line):
+            if answer is None and m.group(1).strip():
+                answer = m.group(1).strip()
+            layout.append("A")
+        else:
+            layout.append("S" if line else "E")
+    return Parsed(verdicts, answer, "".join(layout), order)
+
+
+# ---- rewards ----
+
+@dataclass
+class Weights:
+    answer: float = 1.0
+    verdict: float = 0.5
+    step: float = 0.5  # 0 turns the process part (first-wrong-step localisation) off
+    format: float = 0.1
+
+
+@dataclass
+class Reward:
+    answer: float
+    verdict: float | None  # None: no route shown
+    step: float | None  # None: no wrong route with a known first wrong step shown, or switched off
+    format: float
+    total: float
+
+
+def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights()) -> Reward:
+    """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`)."""
+    p = parse(completion)
+    K = len(routes)
+    answer = float(check(p.answer, problem.answer))
+    verdict = step = None
+    if K:
+        said = [p.verdicts.get(k, "missing") for k in range(1, K + 1)]
+        verdict = sum(s != "missing" and (s is None) == r.correct for s, r in zip(said, routes)) / K
+        located = [(s, r.first_wrong) for s, r in zip(said, routes) if not r.correct and r.first_wrong]
+        if located and w.step > 0:
+            step = sum(s == fw for s, fw in located) / len(located)
+    one_each = p.verdict_order == list(range(1, K + 1))
+    fmt = float(one_each and re.fullmatch(f"V{{{K}}}S+A", p.layout) is not None and p.answer is not None)
+    parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt)]
+    parts = [(wi, ri) for wi, ri in parts if ri is not None and wi > 0]
+    total = sum(wi * ri for wi, ri in parts) / sum(wi for wi, _ in parts) if parts else 0.0
+    return Reward(answer, verdict, step, fmt, total)

@@ -1,0 +1,140 @@
+import json
+import random
+
+import pytest
+
+import domain as D
+
+
+def test_same_seed_same_problems_and_splits_disjoint():
+    a, b = D.split("test", 50, seed=0), D.split("test", 50, seed=0)
+    assert [p.question for p in a] == [p.question for p in b]
+    assert [p.question for p in D.split("test", 50, seed=1)] != [p.question for p in a]
+    qs = {name: {p.question for p in D.split(name, n)} for name, n in
+          [("train", 3000), ("dev", 300), ("test", 500), ("hard", 300)]}
+    assert len(qs["test"]) == 500  # no duplicates inside a split either
+    for x in qs:
+        for y in qs:
+            assert x == y or not qs[x] & qs[y], (x, y)
+
+
+def test_problem_shape_difficulty_and_guessing():
+    train = D.split("train", 2100)
+    events = [len(p.ledger[1]) for p in train]
+    assert min(events) == 3 and max(events) == 8
+    assert all(len(p.ledger[1]) in (7, 8) for p in D.split("hard", 200))
+    counts = {}
+    for p in train:
+        counts[p.answer] = counts.get(p.answer, 0) + 1
+    assert set(counts) == {str(i) for i in range(21)}
+    assert max(counts.values()) / len(train) <= 0.05  # no constant guess scores above 5 %
+    assert all(p.rules == D.RULES and p.rules not in p.question for p in train[:10])
+
+
+def test_routes_positive_negative_and_first_wrong_step():
+    rng = random.Random(0)
+    tok = D.tokenizer()
+    kinds = set()
+    for p in D.split("dev", 300):
+        pos = D.teacher_route(p)
+        assert pos.correct and D.check(pos.text.rsplit(" ", 1)[1], p.answer)
+        neg = D.negative_route(p, rng)
+        assert not neg.correct and not D.check(neg.text.rsplit(" ", 1)[1], p.answer)
+        pl, nl = pos.text.split("\n"), neg.text.split("\n")
+        k = neg.first_wrong
+        assert len(pl) == len(nl) == len(p.ledger[1]) + 1
+        assert pl[:k - 1] == nl[:k - 1] and pl[k - 1] != nl[k - 1]  # the first differing line is the first wrong step
+        kinds.add(nl[k - 1].split(" : ")[1].split(" -> ")[0].replace(" ", "").strip("0123456789+-=/>") or "slip")
+        for text in (p.question, pos.text, neg.text):
+            assert tok.decode(tok.encode(text)) == text and tok.tok.token_to_id("<|unk|>") not in tok.encode(text)
+    assert len(kinds) >= 3  # several kinds of mistake, not one
+
+
+def test_negative_steps_are_each_checkable_against_the_rules():
+    """Every line of a route before its first wrong step is what the rules give; the wrong line is not."""
+    rng = random.Random(1)
+    for p in D.split("test", 100):
+        neg = D.negative_route(p, rng)
+        stock, events, asked = p.ledger
+        v = stock[asked]
+        for i, (e, line) in enumerate(zip(events, neg.text.split("\n"))):
+            work, v2 = D.apply(D.EXPERT, e, v) if e[1] == asked else ("other", v)
+            right = f"{D.event_text(e)} : {work} -> {asked} = {v2}"
+            assert (line == right) == (i + 1 < neg.first_wrong), (i, line, right)
+            if i + 1 == neg.first_wrong:
+                break
+            v = v2
+
+
+def test_teacher_without_rules_is_clearly_worse():
+    problems = D.split("test", 500)
+    guided = sum(D.teacher_route(p).correct for p in problems) / 500
+    unguided = sum(D.teacher_route(p, guided=False).correct for p in problems) / 500
+    assert guided == 1.0 and unguided < 0.35
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("5", "5", True), (" 5 ", "5", True), ("5.0", "5", True), ("5.", "5", True), ("1,000", "1000", True),
+    ("$1,000.50", "1000.5", True), ("+7", "7", True), ("-3", "-3", True), ("0.50", ".5", True), ("5", "6", False),
+    ("", "5", False), (None, "5", False), ("five", "5", False), ("Paris", " paris ", True), ("1e3", "1000", True),
+    ("9" * 5000, "9", False), ("1e999999999", "1", False), ("NaN", "NaN", True), ("inf", "5", False),
+])
+def test_answer_checker(pred, ref, ok):
+    assert D.check(pred, ref) is ok
+
+
+def test_checker_never_raises():
+    rng = random.Random(0)
+    pool = "0123456789.,-+eE$€%  \n\tαβ😀#/"
+    for _ in range(3000):
+        s = "".join(rng.choice(pool) for _ in range(rng.randint(0, 40)))
+        assert isinstance(D.normalize(s), str) and D.check(s, s) in (True, False)
+    for weird in (object(), 3.5, ["5"], b"5", float("nan")):
+        D.check(weird, "5")
+
+
+def write(tmp_path, text, name="data.jsonl"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def test_jsonl_loading_and_gsm8k_answers(tmp_path):
+    f = write(tmp_path, "\n".join([
+        json.dumps({"question": "Natalia sold 48 clips ...", "answer": "She sold 48/2 = 24 in May.\n#### 72"}),
+        "",
+        json.dumps({"question": "q2", "answer": 3, "rules": "r", "routes": [
+            {"text": "x\nAnswer : 3", "correct": True}, {"text": "y", "correct": False, "first_wrong": 1}]}),
+    ]))
+    a, b = D.load_jsonl(f)
+    assert a.answer == "72" and a.routes == [] and a.rules is None
+    assert b.answer == "3" and b.rules == "r" and b.routes[1] == D.Route("y", False, 1)
+    D.save_jsonl([a, b], tmp_path / "out.jsonl")
+    assert D.load_jsonl(tmp_path / "out.jsonl") == [a, b]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q"', "invalid JSON"),
+    ('["q", "a"]', "expected a JSON object"),
+    ('{"answer": "1"}', "'question' is missing"),
+    ('{"question": "q"}', "'answer' is missing"),
+    ('{"question": "q", "answer": true}', "'answer' is missing"),
+    ('{"question": "q", "answer": "1", "routes": {"text": "x"}}', "'routes' must be a list"),
+    ('{"question": "q", "answer": "1", "routes": [{"text": "x"}]}', "routes[0] needs 'text'"),
+    ('{"question": "q", "answer": "1", "routes": [{"text": "x", "correct": false, "first_wrong": 0}]}', "first_wrong"),
+    ('{"question": "q", "answer": "1", "rules": 5}', "'rules' must be a string"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    f = write(tmp_path, '{"question": "fine", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(D.DataError) as e:
+        D.load_jsonl(f)
+    assert str(e.value).startswith(f"{f}:2: ") and message in str(e.value)
+
+
+def test_jsonl_empty_and_missing_files(tmp_path):
+    with pytest.raises(D.DataError, match="no problems"):
+        D.load_jsonl(write(tmp_path, "\n\n"))
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(D.DataError, match="unknown split"):
+        D.split("validation", 3)

@@ -1,0 +1,125 @@
+import random
+
+import pytest
+
+import domain as D
+import mrpv as P
+
+
+@pytest.fixture(scope="module")
+def case():
+    p = D.split("dev", 1, seed=3)[0]
+    pos, neg = D.teacher_route(p), D.negative_route(p, random.Random(0))
+    return p, pos, neg
+
+
+def test_zero_routes_is_the_autonomous_prompt(case):
+    p, pos, neg = case
+    assert P.build_prompt(p, []) == p.question + "\n"
+    prompt = P.build_prompt(p, [neg, pos])
+    assert prompt.startswith(p.question + "\nRoute 1 :\n" + neg.text + "\nRoute 2 :\n" + pos.text)
+    tok = D.tokenizer()
+    response = P.teacher_response([neg, pos], pos.text)
+    assert tok.decode(tok.encode(prompt + response)) == prompt + response  # every word is in the vocabulary
+
+
+def rewards(r):
+    return (r.answer, r.verdict, r.step, r.format, round(r.total, 6))
+
+
+def test_hand_written_completions(case):
+    p, pos, neg = case
+    routes, s = [neg, pos], neg.first_wrong
+    bad_steps = neg.text.replace("Answer", "Answers")  # the wrong route's steps, its answer line broken
+    table = {
+        "all right": (P.teacher_response(routes, pos.text), (1.0, 1.0, 1.0, 1.0, 1.0)),
+        "right answer, wrong verdicts": (f"Route 1 : sound\nRoute 2 : wrong at step 1\n{pos.text}",
+                                         (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
+        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
+        "right verdicts, wrong step named": (f"Route 1 : wrong at step {s + 1}\nRoute 2 : sound\n{pos.text}",
+                                             (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
+        "wrong without a step": (f"Route 1 : wrong\nRoute 2 : sound\n{pos.text}", (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
+        "one verdict missing": (f"Route 2 : sound\n{pos.text}", (1.0, 0.5, 0.0, 0.0, round(1.25 / 2.1, 6))),
+        "no answer": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{bad_steps}", (0.0, 1.0, 1.0, 0.0, round(1.0 / 2.1, 6))),
+        "garbage": ("lorem ipsum", (0.0, 0.0, 0.0, 0.0, 0.0)),
+    }
+    for name, (completion, want) in table.items():
+        assert rewards(P.reward(completion, p, routes)) == want, name
+
+
+def test_no_routes_counts_answer_and_format_only(case):
+    p, pos, neg = case
+    assert rewards(P.reward(pos.text, p, [])) == (1.0, None, None, 1.0, 1.0)
+    assert rewards(P.reward(neg.text, p, [])) == (0.0, None, None, 1.0, round(0.1 / 1.1, 6))
+    verdict_first = "Route 1 : sound\n" + pos.text  # a verdict for a route that was not shown
+    assert rewards(P.reward(verdict_first, p, [])) == (1.0, None, None, 0.0, round(1 / 1.1, 6))
+
+
+def test_first_answer_counts_and_repeats_break_the_format(case):
+    p, pos, _ = case
+    wrong = str((int(p.answer) + 1) % 21)
+    first_right = P.reward(f"{pos.text}\nAnswer : {wrong}", p, [])
+    first_wrong = P.reward(pos.text.replace(f"Answer : {p.answer}", f"Answer : {wrong}\nAnswer : {p.answer}"), p, [])
+    assert (first_right.answer, first_right.format) == (1.0, 0.0)
+    assert (first_wrong.answer, first_wrong.format) == (0.0, 0.0)
+    twice = P.reward("Route 1 : sound\nRoute 1 : wrong at step 2\n" + pos.text, p, [pos])
+    assert twice.verdict == 1.0 and twice.format == 0.0
+
+
+def test_weights_and_the_process_switch(case):
+    p, pos, neg = case
+    off = P.reward(P.teacher_response([neg], pos.text), p, [neg], P.Weights(step=0))
+    assert off.step is None and off.total == 1.0
+    answer_only = P.reward(P.teacher_response([neg], neg.text), p, [neg], P.Weights(verdict=0, step=0, format=0))
+    assert answer_only.total == 0.0 and answer_only.verdict == 1.0
+
+
+def test_fuzz_never_raises_and_stays_in_range(case):
+    p, pos, neg = case
+    rng = random.Random(0)
+    pieces = ["Route 1 : sound", "Route 2 : wrong at step 3", "Route 99999 : wrong at step 99999999999",
+              "Answer : 5", "Answer :", "answer: 1e99999", "ANSWER : ٣", "Route 1 : wrong", "Route -1 : sound",
+              "😀" * 50, "\x00", "Answer : " + "9" * 10000, pos.text, neg.text, "", " ", "\n\n\n", "Route",
+              ":", "->", "wrong at step", "Route 1 : sound extra"]
+    cases = [None, 5, b"bytes", "x" * 200_000, "\n" * 10_000]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            cases.append("\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))))
+        else:
+            cases.append("".join(chr(rng.randint(0, 0x2FFF)) for _ in range(rng.randint(0, 80))))
+    for c in cases:
+        for routes in ([], [neg], [neg, pos], [pos, pos, neg]):
+            r = P.reward(c, p, routes)
+            for x in (r.answer, r.verdict, r.step, r.format, r.total):
+                assert x is None or 0.0 <= x <= 1.0
+
+
+def test_route_selection_mix_and_seed():
+    bank = [D.Route(f"p{i}", True) for i in range(4)] + [D.Route(f"n{i}", False, 1) for i in range(4)]
+    draw = lambda seed, share=0.5: [P.select_routes(bank, 3, share, random.Random(seed * 1000 + i)) for i in range(400)]
+    a = draw(1)
+    assert [[r.text for r in x] for x in a] == [[r.text for r in x] for x in draw(1)]
+    n_neg = [sum(not r.correct for r in x) for x in a]
+    assert all(len(x) == 3 for x in a) and n_neg.count(3) > 20 and n_neg.count(0) > 20  # all-wrong sets occur
+    assert abs(sum(n_neg) / (3 * 400) - 0.5) < 0.06
+    assert sum(sum(not r.correct for r in x) for x in draw(1, share=0.9)) / 1200 > 0.8
+    orders = {tuple(r.correct for r in x) for x in a}
+    assert len(orders) > 4  # shuffled, not negatives first
+    short = P.select_routes(bank[:1] + bank[4:5], 3, 0.0, random.Random(0))
+    assert len(short) == 2  # the bank runs short: fewer routes, topped up with wrong ones
+
+
+def test_partly_shown_routes_are_judged_on_what_is_shown(case):
+    p, pos, neg = case
+    n_steps = len(neg.text.split("\n")) - 1
+    whole = P.show(neg, 1.0)
+    assert whole == neg
+    before = P.show(neg, (neg.first_wrong - 1) / n_steps) if neg.first_wrong > 1 else None
+    if before is not None:
+        assert before.correct and before.first_wrong is None and "Answer" not in before.text
+    after = P.show(neg, neg.first_wrong / n_steps)
+    assert not after.correct and after.first_wrong == neg.first_wrong
+    one = P.show(pos, 0.01)
+    assert one.correct and one.text == pos.text.split("\n")[0]
+    unknown = D.Route("a\nb\nAnswer : 3", False, None)
+    assert P.show(unknown, 0.3) == unknown
