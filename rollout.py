@@ -141,7 +141,8 @@ def bench(model, name, batches, new_tokens, prompt_len, naive_max):
     g = torch.Generator().manual_seed(0)
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g).tolist()
-        generate(model, prompts, max_new_tokens=4, temperature=0)  # warm-up
+        generate(model, prompts, max_new_tokens=32, temperature=0)  # warm-up
+        generate_naive(model, prompts, 4)
         for T in new_tokens:
             sync()
             t0 = time.perf_counter()

@@ -50,6 +50,15 @@ def test_routes_positive_negative_and_first_wrong_step():
     assert len(kinds) >= 3  # several kinds of mistake, not one
 
 
+def test_every_problem_has_a_negative_route():
+    """Even where later rules absorb early mistakes (a count of 0 kept at 0), a wrong route exists."""
+    rng = random.Random(0)
+    absorbing = D.make_problem(random.Random(0), D.Difficulty(min_events=8, p_asked=1.0), target=0)
+    for p in [absorbing] + D.split("hard", 1000) + D.split("train", 1000, seed=5):
+        neg = D.negative_route(p, rng)
+        assert not neg.correct and neg.text.rsplit(" ", 1)[1] != p.answer and 1 <= neg.first_wrong <= len(p.ledger[1])
+
+
 def test_negative_steps_are_each_checkable_against_the_rules():
     """Every line of a route before its first wrong step is what the rules give; the wrong line is not."""
     rng = random.Random(1)

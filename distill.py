@@ -1,0 +1,151 @@
+"""The teacher side of ReaLM: guided chain-of-thought distillation and the route bank.
+
+A teacher that is TOLD the domain's expert rules writes chains of thought (routes); the student is
+fine-tuned on them WITHOUT the rules in its prompt, so the rules end up in its weights. Routes whose
+answer checks are positives, the others negatives; per problem up to R of each form the route bank
+that MRPV shows during RL. The teacher is the programmatic one of the embedded domain, or any
+checkpoint that load_model accepts, sampled with rollout.generate:
+
+    python distill.py --teacher DIR --data train.jsonl --out routes.jsonl
+
+SFT examples: the autonomous prompt -> a positive route; and, for a share of examples, an MRPV
+prompt showing routes from the bank -> the teacher's MRPV response (verdicts, then its own route).
+
+Choices that are ours:
+1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route
+   (what R calls to it would return); its R negatives are distinct.
+2. A checkpoint teacher is prompted "Rules : <rules>\\n<question>\\n" when guided and with the
+   question alone when not; its routes are whatever it writes up to its end token.
+3. The SFT loss is the mean cross-entropy over all response tokens of the batch (a token mean, so
+   long responses weigh more than short ones); prompt and padding tokens carry no loss.
+"""
+
+import argparse
+import random
+
+import torch
+import torch.nn.functional as F
+
+import domain as D
+import model as M
+import mrpv
+from rollout import generate
+
+
+# ---- the route bank ----
+
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True) -> list[D.Route]:
+    """Routes of the embedded teacher for one problem: R positives (copies, choice 1) and R negatives.
+    Unguided, the one route the rule-less teacher writes, labelled by its answer."""
+    if not guided:
+        return [D.teacher_route(problem, guided=False)]
+    negatives = []
+    for _ in range(10 * R):
+        neg = D.negative_route(problem, rng)
+        if neg.text not in {r.text for r in negatives}:
+            negatives.append(neg)
+        if len(negatives) == R:
+            break
+    return [D.teacher_route(problem)] * R + negatives
+
+
+def teacher_prompt(problem: D.Problem, guided: bool) -> str:
+    return (f"Rules : {problem.rules}\n" if guided and problem.rules else "") + mrpv.build_prompt(problem, [])
+
+
+@torch.no_grad()
+def checkpoint_bank(teacher, tok, problems, R: int, guided=True, n=4, max_new_tokens=256, temperature=0.8,
+                    seed=0, batch_size=32) -> list[list[D.Route]]:
+    """Sample n routes per problem from a teacher checkpoint; keep up to R positives and R negatives."""
+    banks = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [tok.encode(teacher_prompt(p, guided)) for p in chunk]
+        samples = generate(teacher, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_ids=tok.eos_ids, seed=seed + i, pad_id=tok.pad_id)
+        for j, p in enumerate(chunk):
+            texts = [tok.decode(s.tokens).strip() for s in samples[j * n:(j + 1) * n]]
+            routes = [D.Route(t, D.check(mrpv.parse(t).answer, p.answer)) for t in texts]
+            banks.append([r for r in routes if r.correct][:R] + [r for r in routes if not r.correct][:R])
+    return banks
+
+
+def teacher_accuracy(banks) -> float:
+    """Share of problems on which the teacher wrote at least one right route."""
+    return sum(any(r.correct for r in b) for b in banks) / max(1, len(banks))
+
+
+# ---- SFT examples and loss ----
+
+def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: float, rng: random.Random):
+    """(prompt ids, response ids) pairs: autonomous prompt -> a positive route; with probability
+    mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead.
+    Problems whose bank holds no positive route give no example."""
+    out = []
+    for p, bank in zip(problems, banks):
+        positives = [r for r in bank if r.correct]
+        if not positives:
+            continue
+        solution = rng.choice(positives).text
+        shown = mrpv.select_routes(bank, K, neg_share, rng) if rng.random() < mrpv_share else []
+        prompt = mrpv.build_prompt(p, shown)
+        response = mrpv.teacher_response(shown, solution)
+        out.append((tok.encode(prompt), tok.encode(response) + tok.eos_ids[:1]))
+    return out
+
+
+def sft_batch(examples, pad_id, device):
+    """Right-padded tokens (B, T) and targets (B, T): the next token on response positions, -100 elsewhere."""
+    T = max(len(p) + len(r) for p, r in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        seq = p + r
+        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[i, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t + 1
+    return x.to(device), y.to(device)
+
+
+def sft_loss(model, x, y, n_tokens=None):
+    """Cross-entropy summed over response tokens, divided by n_tokens: the response tokens of the
+    whole batch when it is split into micro-batches (default: those of this one)."""
+    logits = model(x)  # (B, T, V); right padding needs no mask: causal attention never looks ahead
+    # -100 marks prompt and padding positions: they add nothing (choice 3)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return loss / (n_tokens or int((y != -100).sum()))
+
+
+# ---- python distill.py --teacher DIR --data FILE --out FILE ----
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Write a route bank: a teacher checkpoint's routes for each problem, "
+                                             "positives and negatives by answer check.")
+    ap.add_argument("--teacher", help="teacher checkpoint folder (default: the embedded domain's programmatic teacher)")
+    ap.add_argument("--data", help="JSONL problems (default: the embedded domain's train split)")
+    ap.add_argument("--n-problems", type=int, default=3000, help="embedded domain: problems to write routes for")
+    ap.add_argument("--out", default="out/routes.jsonl", help="route bank JSONL to write")
+    ap.add_argument("--R", type=int, default=3, help="positive and negative routes kept per problem, each")
+    ap.add_argument("--n", type=int, default=8, help="checkpoint teacher: routes sampled per problem")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="checkpoint teacher: tokens per route at most")
+    ap.add_argument("--temperature", type=float, default=0.8, help="checkpoint teacher: sampling temperature")
+    ap.add_argument("--seed", type=int, default=0, help="seed")
+    args = ap.parse_args()
+    try:
+        problems = D.load_jsonl(args.data) if args.data else D.split("train", args.n_problems, args.seed)
+        rng = random.Random(args.seed)
+        if args.teacher:
+            teacher, tok = M.load_model(args.teacher), M.load_tokenizer(args.teacher)
+            print(f"sampling {args.n} routes per problem for {len(problems)} problems from {args.teacher}")
+            banks = checkpoint_bank(teacher, tok, problems, args.R, True, args.n, args.max_new_tokens, args.temperature, args.seed)
+            blind = checkpoint_bank(teacher, tok, problems, args.R, False, args.n, args.max_new_tokens, args.temperature, args.seed)
+        elif args.data:
+            raise SystemExit("error: --data without --teacher: the embedded teacher only knows the embedded domain")
+        else:
+            banks = [embedded_bank(p, args.R, rng) for p in problems]
+            blind = [[D.teacher_route(p, guided=False)] for p in problems]
+    except (D.DataError, M.CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"teacher accuracy with the rules {100 * teacher_accuracy(banks):.1f} %, "
+          f"without them {100 * teacher_accuracy(blind):.1f} %: what guidance buys")
+    D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], args.out)
+    print(f"wrote {len(problems)} problems with their routes to {args.out}")

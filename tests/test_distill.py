@@ -1,0 +1,148 @@
+import json
+import random
+
+import pytest
+import torch
+
+import distill
+import domain as D
+import model as M
+import mrpv
+import train
+
+
+def test_sft_targets_cover_the_response_only():
+    examples = [([5, 6, 7], [8, 9, 1]), ([5], [4, 1])]
+    x, y = distill.sft_batch(examples, pad_id=0, device="cpu")
+    assert x.tolist() == [[5, 6, 7, 8, 9], [5, 4, 0, 0, 0]]
+    assert y.tolist() == [[-100, -100, 8, 9, 1], [4, 1, -100, -100, -100]]
+
+    class Logits(torch.nn.Module):  # a stand-in model whose logits are a leaf we can differentiate
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.randn(2, 5, 10))
+
+        def forward(self, x):
+            return self.logits
+
+    m = Logits()
+    loss = distill.sft_loss(m, x, y)
+    loss.backward()
+    prompt_or_pad = y == -100
+    assert (m.logits.grad[prompt_or_pad] == 0).all() and (m.logits.grad[~prompt_or_pad] != 0).any()
+    want = torch.nn.functional.cross_entropy(m.logits[~prompt_or_pad], y[~prompt_or_pad])  # mean over 5 tokens
+    assert torch.allclose(loss, want)
+
+
+def test_changing_the_prompt_changes_no_loss_term():
+    """Prompt tokens are context, never targets: whatever they are, only response positions carry loss."""
+    tok = D.tokenizer()
+    p = D.split("train", 1)[0]
+    response = tok.encode(D.teacher_route(p).text) + tok.eos_ids
+    for prompt in (tok.encode(p.question + "\n"), tok.encode("Stock : A = 1 .\n"), [7] * 30):
+        _, y = distill.sft_batch([(prompt, response)], tok.pad_id, "cpu")
+        assert y[0][y[0] != -100].tolist() == response
+
+
+def test_route_bank_round_trips_through_jsonl(tmp_path):
+    problems = D.split("train", 30)
+    banks = train.embedded_banks(problems, R=3, seed=0)
+    assert all(sum(r.correct for r in b) == 3 and sum(not r.correct for r in b) == 3 for b in banks)
+    D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
+    back = D.load_jsonl(tmp_path / "bank.jsonl")
+    assert [b.routes for b in back] == banks and [b.answer for b in back] == [p.answer for p in problems]
+    unguided = train.embedded_banks(problems, R=3, seed=0, guided=False)
+    assert distill.teacher_accuracy(banks) == 1.0 and distill.teacher_accuracy(unguided) < 0.5
+
+
+def test_micro_batches_sort_and_respect_the_token_budget():
+    batch = [([1] * n, [2] * 3) for n in (50, 2, 30, 7, 90, 1)]
+    micro = list(train.micro_batches(batch, 100))
+    assert [[len(p) for p, _ in m] for m in micro] == [[1, 2, 7], [30], [50], [90]]
+    assert sum(len(m) for m in micro) == len(batch)
+
+
+def test_sft_examples_mix_both_formats():
+    tok = D.tokenizer()
+    problems = D.split("train", 200)
+    banks = train.embedded_banks(problems, 3, 0)
+    ex = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0))
+    route_prompts = [e for e in ex if "Route 1 :" in tok.decode(e[0])]
+    assert len(ex) == 200 and 60 < len(route_prompts) < 140
+    assert all(tok.decode(r).startswith("Route 1 : ") for p, r in route_prompts)
+
+
+TINY = ["--steps", "40", "--batch-size", "8", "--budget", "100", "--eval-n", "21", "--max-new-tokens", "40",
+        "--warmup", "5"]
+
+
+def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
+    out = tmp_path / "distill"
+    train.main(["--stage", "distill", "--out", str(out), "--eval-every", "20", "--micro-tokens", "600", *TINY])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl", "routes.jsonl"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # the loss falls
+    assert all({"step", "loss", "reward", "hint"} <= r.keys() for r in rows if "loss" in r)
+    evals = [r for r in rows if "split" in r]
+    assert [(r["step"], r["split"]) for r in evals] == [(20, "dev"), (20, "test"), (40, "dev"), (40, "test")]
+    assert all(0 <= r["acc_autonomous"] <= 1 and 0 <= r["acc_with_routes"] <= 1 for r in evals)
+    m, tok = M.load_model(out, "cpu"), M.load_tokenizer(out)
+    assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
+    assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
+    assert len(D.load_jsonl(out / "routes.jsonl")) == 100
+
+    train.main(["--stage", "eval", "--init", str(out), "--eval-n", "21", "--max-new-tokens", "40"])
+    printed = capsys.readouterr().out
+    assert "test (21 problems): acc_autonomous" in printed and "hard (21 problems)" in printed
+    assert [json.loads(x)["split"] for x in (out / "eval.jsonl").read_text().splitlines()] == ["test", "hard"]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            train.main(list(argv))
+        return str(e.value.code)
+
+    assert fails("--stage", "eval", "--init", str(tmp_path / "nope")) == f"error: {tmp_path / 'nope'}: no config.json (expected a Hugging Face model folder)"
+    assert fails("--stage", "eval") == "error: --stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)"
+    assert fails("--stage", "distill", "--data", str(tmp_path / "x.jsonl")) == f"error: {tmp_path / 'x.jsonl'}: no such file"
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("do not delete")
+    msg = fails("--stage", "distill", "--out", str(tmp_path / "keep"), *TINY)
+    assert "is not a run folder" in msg and (tmp_path / "keep" / "precious.txt").exists()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q", "answer": "1", "routes": [{"text": "x", "correct": False}]}) + "\n")
+    assert "no SFT example" in fails("--stage", "distill", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"))
+
+
+def test_checkpoint_teacher_writes_a_labelled_bank(tmp_path):
+    tok = D.tokenizer()
+    torch.manual_seed(0)
+    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=512)
+    M.save_model(M.Transformer(cfg), tmp_path / "teacher", tok)
+    teacher = M.load_model(tmp_path / "teacher", "cpu")
+    problems = D.split("dev", 3)
+    assert distill.teacher_prompt(problems[0], True).startswith("Rules : R1 restock adds 5 units")
+    assert distill.teacher_prompt(problems[0], False) == problems[0].question + "\n"
+    banks = distill.checkpoint_bank(teacher, tok, problems, R=2, n=3, max_new_tokens=8, batch_size=2)
+    assert len(banks) == 3 and all(len(b) <= 4 for b in banks)
+    for p, b in zip(problems, banks):  # a random teacher writes no "Answer : <right>" line: all negatives
+        assert all(r.correct == D.check(mrpv.parse(r.text).answer, p.answer) for r in b)
+
+
+def test_distill_from_a_checkpoint_on_jsonl_data(tmp_path):
+    """The real-data path: --init a Hugging Face folder, --data a JSONL route bank, --eval-data JSONL."""
+    tok = D.tokenizer()
+    torch.manual_seed(0)
+    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=512)
+    M.save_model(M.Transformer(cfg), tmp_path / "student", tok)
+    problems = D.split("train", 20)
+    banks = train.embedded_banks(problems, 2, 0)
+    D.save_jsonl([D.Problem(p.question, p.answer, None, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
+    train.main(["--stage", "distill", "--init", str(tmp_path / "student"), "--data", str(tmp_path / "bank.jsonl"),
+                "--eval-data", str(tmp_path / "bank.jsonl"), "--steps", "3", "--batch-size", "4",
+                "--max-new-tokens", "8", "--out", str(tmp_path / "run")])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows if "split" in r] == ["eval"] and rows[0]["lr"] < 1e-4  # checkpoint default lr
+    assert M.load_model(tmp_path / "run", "cpu").config.hidden_size == 32

@@ -1,0 +1,295 @@
+"""The command line and the training loops of ReaLM.
+
+    python train.py --stage distill            # guided CoT distillation: the SFT cold start -> out/distill/
+    python train.py --stage eval --init DIR    # accuracy alone and with routes, on test and the hard split
+
+Read top to bottom: flags -> set-up (device, student, problems, route banks) -> evaluation ->
+checkpoints and metrics -> the distill stage -> the eval stage.
+
+Choices that are ours:
+1. Optimizer: AdamW (betas 0.9, 0.95), weight decay on matrices only, linear warm-up then cosine
+   decay to 10 % of the peak learning rate, gradient clipping at 1.0. Parameters stay in float32;
+   on CUDA the forward runs under bfloat16 autocast.
+2. The default distillation budget (3,000 teacher-written problems, 600 steps of 16) is set so that
+   SFT plateaus below the ceiling on the embedded domain: the student memorises its budget and lands
+   well short of 100 % on test, which leaves RL something to add.
+3. Evaluation is greedy. acc_with_routes shows K routes drawn from the split's own route bank with
+   the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import distill
+import domain as D
+import model as M
+import mrpv
+from rollout import generate
+
+
+# ---- flags ----
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="ReaLM: distill, evaluate (and, next, RL-train) a small model.")
+    g = ap.add_argument_group("run")
+    g.add_argument("--stage", required=True, choices=["distill", "eval"], help="what to run")
+    g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--init", default="scratch", help="student: 'scratch' (the tiny default model) or a Hugging Face folder")
+    g.add_argument("--data", help="JSONL problems with teacher routes (default: the embedded domain)")
+    g.add_argument("--eval-data", help="JSONL problems to evaluate on, with --data (default: none)")
+    g = ap.add_argument_group("distillation")
+    g.add_argument("--budget", type=int, default=3000, help="teacher-written problems for SFT (embedded domain)")
+    g.add_argument("--unguided", action="store_true", help="distil from the teacher WITHOUT the rules (the baseline)")
+    g.add_argument("--R", type=int, default=3, help="positive and negative routes per problem in the route bank, each")
+    g.add_argument("--mrpv-share", type=float, default=0.1, help="share of SFT examples in the MRPV format")
+    g.add_argument("--K", type=int, default=3, help="routes shown in an MRPV prompt")
+    g.add_argument("--neg-share", type=float, default=0.5, help="expected share of wrong routes among those shown")
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    g.add_argument("--micro-tokens", type=int, default=4096,
+                   help="gradient accumulation: a step's batch, sorted by length, runs in micro-batches of at most this many padded tokens")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 from scratch, 1e-5 from a checkpoint)")
+    g.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    g = ap.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every k steps (0: only at the end)")
+    g.add_argument("--eval-n", type=int, default=210, help="problems per evaluation split")
+    g.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per answer at most")
+    args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    return args
+
+
+# ---- set-up ----
+
+def pick_device(name):
+    return M.default_device() if name == "auto" else torch.device(name)
+
+
+def load_student(args, device):
+    """The tiny default model with the domain's tokenizer, or a checkpoint folder (fp32 for training)."""
+    if args.init == "scratch":
+        tok = D.tokenizer()
+        torch.manual_seed(args.seed)
+        model = M.Transformer(M.tiny_config(tok.vocab_size, max_position_embeddings=1024)).to(device)
+        return model, tok
+    return M.load_model(args.init, device, torch.float32), M.load_tokenizer(args.init)
+
+
+def embedded_banks(problems, R, seed, guided=True):
+    rng = random.Random(f"routes-{seed}")
+    return [distill.embedded_bank(p, R, rng, guided) for p in problems]
+
+
+def train_set(args):
+    """Problems with their route banks: the embedded domain's teacher, or the routes of a JSONL file."""
+    if args.data:
+        problems = D.load_jsonl(args.data)
+        return problems, [p.routes for p in problems]
+    problems = D.split("train", args.budget, args.seed)
+    return problems, embedded_banks(problems, args.R, args.seed, guided=not args.unguided)
+
+
+def eval_sets(args, splits):
+    """{split: (problems, banks)}; the embedded domain's splits use a fixed seed, whatever --seed is."""
+    if args.data:
+        if not args.eval_data:
+            return {}
+        problems = D.load_jsonl(args.eval_data)
+        return {"eval": (problems, [p.routes for p in problems])}
+    return {s: (ps := D.split(s, args.eval_n), embedded_banks(ps, args.R, seed=1000)) for s in splits}
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def accuracy(model, tok, problems, routes, max_new_tokens, batch_size=256):
+    """Greedy exact-answer accuracy on prompts showing `routes[i]` for problem i (empty: autonomous)."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    for i in range(0, len(problems), batch_size):
+        ps, rs = problems[i:i + batch_size], routes[i:i + batch_size]
+        prompts = [tok.encode(mrpv.build_prompt(p, r)) for p, r in zip(ps, rs)]
+        samples = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0,
+                           eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+        right += sum(D.check(mrpv.parse(tok.decode(s.tokens)).answer, p.answer) for s, p in zip(samples, ps))
+    model.train(was_training)
+    return right / max(1, len(problems))
+
+
+def evaluate(model, tok, problems, banks, args):
+    """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem)."""
+    shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
+    return {"acc_autonomous": accuracy(model, tok, problems, [[]] * len(problems), args.max_new_tokens),
+            "acc_with_routes": accuracy(model, tok, problems, shown, args.max_new_tokens)}
+
+
+# ---- checkpoints and metrics ----
+
+class Metrics:
+    """metrics.jsonl: one JSON object a line, appended as training goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+RUN_FILES = ("metrics.jsonl", "routes.jsonl", "eval.jsonl")  # a run folder's own files, kept across saves
+
+
+def fresh_run_folder(out: Path):
+    """Empty the run folder for a new run; refuse a folder that is not one of ours."""
+    if out.exists() and any(out.iterdir()):
+        if not ((out / "config.json").exists() or (out / "metrics.jsonl").exists()):
+            raise D.DataError(f"--out {out} exists and is not a run folder (no config.json or metrics.jsonl)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def save_run(model, tok, out: Path, state: dict):
+    """The contract layout, written to a temporary folder and renamed over `out`: config.json,
+    model.safetensors, tokenizer files, trainer_state.pt, and the run's own files (metrics, routes)."""
+    def extra(tmp):
+        torch.save(state, tmp / "trainer_state.pt")
+        for name in RUN_FILES:
+            if (out / name).is_file():
+                shutil.copyfile(out / name, tmp / name)
+    M.save_model(model, out, tok, extra=extra)
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to 10 % of the peak (choice 1)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    u = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, u))))
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+# ---- the distill stage ----
+
+def micro_batches(batch, max_tokens):
+    """Sort examples by length and cut them into micro-batches of at most max_tokens padded tokens
+    (at least one example each): short autonomous examples are not padded to long MRPV ones."""
+    batch = sorted(batch, key=lambda e: len(e[0]) + len(e[1]))
+    micro = []
+    for e in batch:
+        if micro and (len(micro) + 1) * (len(e[0]) + len(e[1])) > max_tokens:
+            yield micro
+            micro = []
+        micro.append(e)
+    yield micro
+
+
+def run_distill(args):
+    device = pick_device(args.device)
+    out = Path(args.out or "out/distill")
+    model, tok = load_student(args, device)
+    problems, banks = train_set(args)
+    rng = random.Random(args.seed)
+    examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng)
+    if not examples:
+        raise D.DataError("no SFT example: no problem has a positive (correct) route")
+    teacher_acc = distill.teacher_accuracy(banks)
+    if not args.data:  # what guidance buys: the embedded teacher with and without the rules
+        acc = {g: sum(D.teacher_route(p, guided=g).correct for p in problems) / len(problems) for g in (True, False)}
+        print(f"teacher accuracy on the {len(problems)} problems: {100 * acc[True]:.1f} % with the rules, "
+              f"{100 * acc[False]:.1f} % without them")
+    evals = eval_sets(args, ["dev", "test"])
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"distill: {'UNGUIDED' if args.unguided else 'guided'} teacher right on {100 * teacher_acc:.1f} % of "
+          f"{len(problems)} problems -> {len(examples)} SFT examples ({args.mrpv_share:.0%} MRPV); student "
+          f"{n_params / 1e6:.1f}M params on {device}; writing {out}/", flush=True)
+    fresh_run_folder(out)
+    metrics = Metrics(out / "metrics.jsonl")
+    D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], out / "routes.jsonl")
+
+    opt = make_optimizer(model, args)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    model.train()
+    bar = tqdm(range(args.steps), desc="distill", dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        batch = [examples[rng.randrange(len(examples))] for _ in range(args.batch_size)]
+        n_tokens = sum(len(r) for _, r in batch)  # the loss is a mean over the whole batch's response tokens
+        loss_sum = 0.0
+        for micro in micro_batches(batch, args.micro_tokens):
+            x, y = distill.sft_batch(micro, tok.pad_id, device)
+            with autocast:
+                loss = distill.sft_loss(model, x, y, n_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        metrics.log(stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None, hint=None)
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
+            for split, (ps, bs) in evals.items():
+                acc = evaluate(model, tok, ps, bs, args)
+                metrics.log(step=step + 1, split=split, **acc)
+                tqdm.write(f"step {step + 1} {split}: acc_autonomous {acc['acc_autonomous']:.3f} "
+                           f"acc_with_routes {acc['acc_with_routes']:.3f}")
+    state = {"stage": "distill", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
+             "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
+    save_run(model, tok, out, state)
+    print(f"distill: {args.steps} steps in {time.time() - t0:.0f} s; wrote {out}/ "
+          f"(model, tokenizer, trainer_state.pt, metrics.jsonl, routes.jsonl)")
+
+
+# ---- the eval stage ----
+
+def run_eval(args):
+    if args.init == "scratch":
+        raise D.DataError("--stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)")
+    device = pick_device(args.device)
+    model, tok = M.load_model(args.init, device), M.load_tokenizer(args.init)
+    out = Path(args.out or args.init)
+    metrics = Metrics(out / "eval.jsonl")
+    print(f"eval: {args.init} on {device}; appending to {metrics.path}", flush=True)
+    for split, (ps, bs) in tqdm(list(eval_sets(args, ["test", "hard"]).items()), desc="eval", dynamic_ncols=True):
+        acc = evaluate(model, tok, ps, bs, args)
+        metrics.log(step=None, split=split, **acc, init=args.init)
+        tqdm.write(f"{split} ({len(ps)} problems): acc_autonomous {acc['acc_autonomous']:.3f} "
+                   f"acc_with_routes {acc['acc_with_routes']:.3f}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        {"distill": run_distill, "eval": run_eval}[args.stage](args)
+    except (D.DataError, M.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
