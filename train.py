@@ -106,12 +106,13 @@ def train_set(args):
 
 
 def eval_sets(args, splits):
-    """{split: (problems, banks)}; the embedded domain's splits use a fixed seed, whatever --seed is."""
-    if args.data:
-        if not args.eval_data:
-            return {}
+    """{split: (problems, banks)}: the --eval-data file, none for --data without one, else the embedded
+    domain's splits (with a fixed seed, whatever --seed is)."""
+    if args.eval_data:
         problems = D.load_jsonl(args.eval_data)
         return {"eval": (problems, [p.routes for p in problems])}
+    if args.data:
+        return {}
     return {s: (ps := D.split(s, args.eval_n), embedded_banks(ps, args.R, seed=1000)) for s in splits}
 
 
@@ -142,16 +143,10 @@ def evaluate(model, tok, problems, banks, args):
 
 # ---- checkpoints and metrics ----
 
-class Metrics:
-    """metrics.jsonl: one JSON object a line, appended as training goes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, **row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+def log(path: Path, **row):
+    """Append one JSON object as a line (metrics.jsonl, eval.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 RUN_FILES = ("metrics.jsonl", "routes.jsonl", "eval.jsonl")  # a run folder's own files, kept across saves
@@ -227,7 +222,7 @@ def run_distill(args):
           f"{len(problems)} problems -> {len(examples)} SFT examples ({args.mrpv_share:.0%} MRPV); student "
           f"{n_params / 1e6:.1f}M params on {device}; writing {out}/", flush=True)
     fresh_run_folder(out)
-    metrics = Metrics(out / "metrics.jsonl")
+    metrics = out / "metrics.jsonl"
     D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], out / "routes.jsonl")
 
     opt = make_optimizer(model, args)
@@ -252,11 +247,11 @@ def run_distill(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
-        metrics.log(stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None, hint=None)
+        log(metrics, stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None, hint=None)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             for split, (ps, bs) in evals.items():
                 acc = evaluate(model, tok, ps, bs, args)
-                metrics.log(step=step + 1, split=split, **acc)
+                log(metrics, step=step + 1, split=split, **acc)
                 tqdm.write(f"step {step + 1} {split}: acc_autonomous {acc['acc_autonomous']:.3f} "
                            f"acc_with_routes {acc['acc_with_routes']:.3f}")
     state = {"stage": "distill", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
@@ -273,12 +268,15 @@ def run_eval(args):
         raise D.DataError("--stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)")
     device = pick_device(args.device)
     model, tok = M.load_model(args.init, device), M.load_tokenizer(args.init)
+    sets = eval_sets(args, ["test", "hard"])
+    if not sets:
+        raise D.DataError("--stage eval with --data needs --eval-data FILE (the problems to evaluate on)")
     out = Path(args.out or args.init)
-    metrics = Metrics(out / "eval.jsonl")
-    print(f"eval: {args.init} on {device}; appending to {metrics.path}", flush=True)
-    for split, (ps, bs) in tqdm(list(eval_sets(args, ["test", "hard"]).items()), desc="eval", dynamic_ncols=True):
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"eval: {args.init} on {device}; appending to {out / 'eval.jsonl'}", flush=True)
+    for split, (ps, bs) in tqdm(list(sets.items()), desc="eval", dynamic_ncols=True):
         acc = evaluate(model, tok, ps, bs, args)
-        metrics.log(step=None, split=split, **acc, init=args.init)
+        log(out / "eval.jsonl", step=None, split=split, **acc, init=args.init)
         tqdm.write(f"{split} ({len(ps)} problems): acc_autonomous {acc['acc_autonomous']:.3f} "
                    f"acc_with_routes {acc['acc_with_routes']:.3f}")
 
