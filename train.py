@@ -261,6 +261,60 @@ def run_distill(args):
           f"(model, tokenizer, trainer_state.pt, metrics.jsonl, routes.jsonl)")
 
 
+# ---- the RL objective: GRPO with an explicit PPO-clip loss (the loop is issue 6) ----
+
+def group_advantages(rewards, n, scale=True, eps=1e-4):
+    """rewards (G * n,), the n samples of each prompt adjacent -> advantages (G * n,).
+    A_i = (r_i - mean of its group) / (std of its group + eps); scale=False drops the std (Dr. GRPO).
+    A group whose rewards are all equal gets A = 0: no policy gradient."""
+    r = rewards.view(-1, n)  # (G, n)
+    a = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        a = a / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
+    return a.flatten()
+
+
+def sequence_logprobs(model, prompts, completions, pad_id, temperature=1.0):
+    """Log-probs of each completion token under log_softmax(logits / T), from one forward over
+    prompt + completion: prompts left-padded as in rollout.generate, completions right-padded.
+    Returns logp (N, L) and mask (N, L) (1.0 on real completion tokens)."""
+    device = model.lm_head.weight.device
+    N, P, L = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
+    tokens = torch.full((N, P + L), pad_id, dtype=torch.long)
+    valid = torch.zeros(N, P + L, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        valid[i, P - len(p):P + len(c)] = True
+    tokens, valid = tokens.to(device), valid.to(device)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)  # the positions rollout.generate gave these tokens
+    logits = model(tokens, pos=pos, valid=valid)[:, P - 1:P + L - 1]  # (N, L, V): position t predicts t + 1
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[:, P:, None])[..., 0]  # (N, L)
+    return logp, valid[:, P:].float()
+
+
+def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, ref_logp=None, loss_type="token"):
+    """The PPO-clip surrogate with group-relative advantages. logp, old_logp, ref_logp, mask: (N, L);
+    adv: (N,). Returns the loss to minimise and a dict of statistics."""
+    ratio = torch.exp(logp - old_logp)  # (N, L) per-token ratio; exactly 1 at the first epoch on-policy
+    A = adv[:, None]  # (N, 1): every token of a sample shares its advantage
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (N, L), sign: minimise
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(policy || reference), >= 0 per token
+        per_token = per_token + beta * kl
+    if loss_type == "token":  # mean over every completion token of the batch
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "sequence":  # mean over each sequence's tokens, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not 'token' or 'sequence'")
+    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip cuts the gradient
+    n = mask.sum().clamp(min=1)
+    stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n)}
+    return loss, stats
+
+
 # ---- the eval stage ----
 
 def run_eval(args):
