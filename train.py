@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import distill
 import domain as D
+import eaai
 import model as M
 import mrpv
 from rollout import generate
@@ -41,12 +42,14 @@ from rollout import generate
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="ReaLM: distill, evaluate (and, next, RL-train) a small model.")
     g = ap.add_argument_group("run")
-    g.add_argument("--stage", required=True, choices=["distill", "eval"], help="what to run")
+    g.add_argument("--stage", required=True, choices=["distill", "rl", "eval"], help="what to run")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g = ap.add_argument_group("model and data")
-    g.add_argument("--init", default="scratch", help="student: 'scratch' (the tiny default model) or a Hugging Face folder")
+    g.add_argument("--init", default=None,
+                   help="start: 'scratch' (the tiny default model) or a Hugging Face folder (default: scratch for distill, "
+                        "out/distill for rl, run first when missing)")
     g.add_argument("--data", help="JSONL problems with teacher routes (default: the embedded domain)")
     g.add_argument("--eval-data", help="JSONL problems to evaluate on, with --data (default: none)")
     g = ap.add_argument_group("distillation")
@@ -56,13 +59,34 @@ def get_args(argv=None):
     g.add_argument("--mrpv-share", type=float, default=0.1, help="share of SFT examples in the MRPV format")
     g.add_argument("--K", type=int, default=3, help="routes shown in an MRPV prompt")
     g.add_argument("--neg-share", type=float, default=0.5, help="expected share of wrong routes among those shown")
+    g = ap.add_argument_group("rl (GRPO; flag names follow TRL's where one exists)")
+    g.add_argument("--num-generations", type=int, default=8, help="samples per prompt (the group)")
+    g.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses the same)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip: ratio kept above 1 - epsilon")
+    g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip: ratio kept below 1 + epsilon_high (default epsilon)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference model)")
+    g.add_argument("--loss-type", default="token", choices=["token", "sequence"], help="token mean over the batch, or per-sequence mean then batch mean")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group's std (--no-scale-rewards: Dr. GRPO)")
+    g.add_argument("--mu", type=int, default=1, help="PPO epochs over each batch of samples (1: exactly on-policy)")
+    g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
+    g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
+    g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer"], help="mrpv: answer + verdicts + step + format; answer: answer + format")
+    g.add_argument("--w-verdict", type=float, default=0.5, help="weight of the verdict reward")
+    g.add_argument("--w-step", type=float, default=0.5, help="weight of the first-wrong-step reward (0: off)")
+    g.add_argument("--w-format", type=float, default=0.1, help="weight of the format reward")
+    g.add_argument("--eaai-shape", default="cosine", choices=eaai.SHAPES, help="shape of the EAAI decay")
+    g.add_argument("--eaai-hold", type=float, default=0.0, help="share of steps at full signal before the decay")
+    g.add_argument("--eaai-decay", type=float, default=0.6, help="share of steps over which the signal decays to 0")
     g = ap.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 for distill, 60 for rl)")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     g.add_argument("--micro-tokens", type=int, default=4096,
                    help="gradient accumulation: a step's batch, sorted by length, runs in micro-batches of at most this many padded tokens")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 from scratch, 1e-5 from a checkpoint)")
-    g.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: distill 2e-3 from scratch, 1e-5 from a checkpoint; rl 1e-4 on the "
+                        "embedded domain, 1e-6 on --data)")
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 30 for distill, 3 for rl)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     g = ap.add_argument_group("evaluation")
@@ -70,8 +94,19 @@ def get_args(argv=None):
     g.add_argument("--eval-n", type=int, default=210, help="problems per evaluation split")
     g.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per answer at most")
     args = ap.parse_args(argv)
+    if args.init is None:
+        args.init = {"distill": "scratch", "rl": "out/distill"}.get(args.stage)
+    if args.steps is None:
+        args.steps = 60 if args.stage == "rl" else 600
     if args.lr is None:
-        args.lr = 2e-3 if args.init == "scratch" else 1e-5
+        if args.stage == "rl":
+            args.lr = 1e-6 if args.data else 1e-4
+        else:
+            args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    if args.warmup is None:
+        args.warmup = 3 if args.stage == "rl" else 30
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
     return args
 
 
@@ -315,10 +350,119 @@ def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, re
     return loss, stats
 
 
+# ---- the RL stage ----
+
+def rl_start(args, device):
+    """The policy and its problems with route banks. On the embedded default the start is out/distill,
+    made first when missing; the bank is the distill run's routes.jsonl (the teacher's budget)."""
+    if args.init == "out/distill" and not args.data and not Path("out/distill/config.json").is_file():
+        print("rl: no out/distill/ yet: running the distill stage first (python train.py --stage distill)", flush=True)
+        run_distill(get_args(["--stage", "distill", "--device", args.device, "--seed", str(args.seed)]))
+    model, tok = load_student(args, device)
+    if args.data:
+        problems = D.load_jsonl(args.data)
+        return model, tok, problems, [p.routes for p in problems]
+    bank = Path(args.init) / "routes.jsonl"
+    if args.init != "scratch" and bank.is_file():
+        problems = D.load_jsonl(bank)
+        return model, tok, problems, [p.routes for p in problems]
+    if args.init != "scratch":
+        raise D.DataError(f"{bank}: no route bank (python train.py --stage distill writes one; or give --data FILE)")
+    problems, banks = train_set(args)  # ReaLM-Zero: no distillation, but the same teacher's route bank
+    return model, tok, problems, banks
+
+
+def run_rl(args):
+    device = pick_device(args.device)
+    out = Path(args.out or "out/rl")
+    model, tok, problems, banks = rl_start(args, device)
+    G, n_prompts = args.num_generations, args.prompts_per_step
+    hold = args.steps if args.no_anneal else round(args.eaai_hold * args.steps)
+    schedule = eaai.Schedule(args.eaai_shape, hold, round(args.eaai_decay * args.steps))
+    annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, seed=args.seed)
+    weights = mrpv.Weights(verdict=args.w_verdict, step=args.w_step, format=args.w_format)
+    if args.reward == "answer":
+        weights = mrpv.Weights(verdict=0.0, step=0.0, format=args.w_format)
+    evals = eval_sets(args, ["dev", "test"])
+    print(f"rl: {args.init} -> {out}/ on {device}; {len(problems)} problems with route banks; {args.steps} steps of "
+          f"{n_prompts} prompts x {G} samples; routes {args.routes}{', no anneal' if args.no_anneal else ''}; "
+          f"reward {args.reward}", flush=True)
+    fresh_run_folder(out)
+    metrics = out / "metrics.jsonl"
+    for split, (ps, bs) in evals.items():
+        log(metrics, step=0, split=split, **(acc := evaluate(model, tok, ps, bs, args)))
+        print(f"step 0 {split}: acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f}")
+    opt = make_optimizer(model, args)
+    rng = random.Random(args.seed)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.time()
+    for step in (bar := tqdm(range(args.steps), desc="rl", dynamic_ncols=True)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        # ---- rollout: prompts with the external signal EAAI grants, n samples each ----
+        idx = [rng.randrange(len(problems)) for _ in range(n_prompts)]
+        hints = [annealer.hint(step) for _ in idx]
+        shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(banks[i], h.k, args.neg_share, rng)] if h.show else []
+                 for i, h in zip(idx, hints)]
+        prompts = [tok.encode(mrpv.build_prompt(problems[i], s)) for i, s in zip(idx, shown)]
+        model.eval()
+        samples = generate(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           eos_ids=tok.eos_ids, seed=args.seed * 1_000_003 + step, pad_id=tok.pad_id)
+        model.train()
+        # ---- rewards and group-relative advantages ----
+        rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[s.prompt_index]], shown[s.prompt_index], weights)
+                   for s in samples]
+        total = torch.tensor([r.total for r in rewards])
+        adv = group_advantages(total, G, args.scale_rewards).to(device)  # (N,)
+        zero_groups = float((total.view(-1, G).std(1) == 0).float().mean())
+        # ---- the PPO-clip update: mu epochs over the batch, micro-batched by tokens ----
+        seq_prompts = [prompts[s.prompt_index] for s in samples]
+        old = torch.zeros(len(samples), max(1, max(len(s.tokens) for s in samples)), device=device)
+        for k, s in enumerate(samples):
+            old[k, :len(s.logprobs)] = torch.tensor(s.logprobs)
+        n_tokens = sum(len(s.tokens) for s in samples)
+        order = sorted(range(len(samples)), key=lambda k: len(seq_prompts[k]) + len(samples[k].tokens))
+        for _ in range(args.mu):
+            loss_sum, stats = 0.0, {"clip_frac": 0.0, "kl": 0.0}
+            for part in micro_batches([(seq_prompts[k], samples[k].tokens, k) for k in order], args.micro_tokens):
+                ks = [k for *_, k in part]
+                with autocast:
+                    logp, mask = sequence_logprobs(model, [p for p, *_ in part], [c for _, c, _ in part], tok.pad_id, args.temperature)
+                L = logp.shape[1]
+                loss, st = grpo_loss(logp, old[ks, :L], adv[ks], mask, args.epsilon, args.epsilon_high, 0.0, None, args.loss_type)
+                share = mask.sum().item() / max(1, n_tokens) if args.loss_type == "token" else len(ks) / len(samples)
+                (loss * share).backward()  # the micro-batch's part of the whole batch's mean
+                loss_sum += loss.item() * share
+                stats = {key: stats[key] + st[key] * share for key in stats}
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        parts = {name: mean([getattr(r, name) for r in rewards if getattr(r, name) is not None])
+                 for name in ("answer", "verdict", "step", "format")}
+        h = schedule.h(step)
+        log(metrics, stage="rl", step=step + 1, loss=loss_sum, reward=float(total.mean()), hint=h,
+            **{f"reward_{k}": v for k, v in parts.items()}, response_len=n_tokens / len(samples),
+            entropy=float(-sum(sum(s.logprobs) for s in samples) / max(1, n_tokens)),  # sampled-token estimate
+            zero_adv_groups=zero_groups, lr=opt.param_groups[0]["lr"], **stats)
+        bar.set_postfix(reward=f"{float(total.mean()):.2f}", answer=f"{parts['answer']:.2f}", h=f"{h:.2f}")
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
+            for split, (ps, bs) in evals.items():
+                acc = evaluate(model, tok, ps, bs, args)
+                log(metrics, step=step + 1, split=split, **acc)
+                tqdm.write(f"step {step + 1} {split}: acc_autonomous {acc['acc_autonomous']:.3f} "
+                           f"acc_with_routes {acc['acc_with_routes']:.3f}")
+    state = {"stage": "rl", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
+             "eaai": annealer.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
+    save_run(model, tok, out, state)
+    print(f"rl: {args.steps} steps in {time.time() - t0:.0f} s; wrote {out}/")
+
+
 # ---- the eval stage ----
 
 def run_eval(args):
-    if args.init == "scratch":
+    if args.init is None:
         raise D.DataError("--stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)")
     device = pick_device(args.device)
     model, tok = M.load_model(args.init, device), M.load_tokenizer(args.init)
@@ -338,7 +482,7 @@ def run_eval(args):
 def main(argv=None):
     args = get_args(argv)
     try:
-        {"distill": run_distill, "eval": run_eval}[args.stage](args)
+        {"distill": run_distill, "rl": run_rl, "eval": run_eval}[args.stage](args)
     except (D.DataError, M.CheckpointError) as e:
         sys.exit(f"error: {e}")
 

@@ -88,3 +88,37 @@ def test_k3_kl_and_aggregation():
     assert token.item() == pytest.approx(-(1 * 2 + 2 * 3) / 5) and seq.item() == pytest.approx(-(1 + 2) / 2)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(logp, logp, adv, mask, loss_type="group")
+
+
+def test_rl_steps_run_and_log_every_contract_key(tmp_path):
+    import json
+
+    import train
+
+    out = tmp_path / "distill"
+    train.main(["--stage", "distill", "--out", str(out), "--steps", "5", "--batch-size", "4", "--budget", "30",
+                "--eval-n", "21", "--max-new-tokens", "8"])
+    train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl"), "--steps", "3",
+                "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "21", "--max-new-tokens", "12"])
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("stage") == "rl"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert {"step", "loss", "reward", "hint", "reward_answer", "reward_format", "clip_frac", "kl", "entropy",
+                "zero_adv_groups", "response_len"} <= r.keys()
+        assert 0 <= r["reward"] <= 1 and 0 <= r["hint"] <= 1
+    assert steps[0]["hint"] == 1.0 and steps[-1]["hint"] < 1.0
+    evals = [(r["step"], r["split"]) for r in rows if "split" in r]
+    assert evals == [(0, "dev"), (0, "test"), (3, "dev"), (3, "test")]
+    assert (tmp_path / "rl" / "trainer_state.pt").is_file() and (tmp_path / "rl" / "model.safetensors").is_file()
+
+
+def test_rl_without_a_route_bank_says_which_command_makes_one(tmp_path):
+    import train
+
+    tok = M.build_tokenizer(["A"])
+    M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)),
+                 tmp_path / "ckpt", tok)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--out", str(tmp_path / "rl")])
+    assert "no route bank (python train.py --stage distill writes one" in str(e.value.code)
