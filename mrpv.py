@@ -103,12 +103,13 @@ class Parsed:
     answer: str | None  # None: no answer line
     layout: str  # one letter a line: V verdict, S step, A answer, E empty
     verdict_order: list  # route numbers of the verdict lines, in order
+    steps: list  # the text of the step lines, in order
 
 
 def parse(completion) -> Parsed:
     """Verdicts and answer of a completion. Never raises: garbage gives no verdicts and no answer."""
     text = completion if isinstance(completion, str) else ""
-    verdicts, answer, layout, order = {}, None, [], []
+    verdicts, answer, layout, order, steps = {}, None, [], [], []
     for line in text.strip().split("\n"):
         line = line.strip()
         if m := VERDICT.fullmatch(line):
@@ -122,7 +123,9 @@ def parse(completion) -> Parsed:
             layout.append("A")
         else:
             layout.append("S" if line else "E")
-    return Parsed(verdicts, answer, "".join(layout), order)
+            if line:
+                steps.append(line)
+    return Parsed(verdicts, answer, "".join(layout), order, steps)
 
 
 # ---- rewards ----
@@ -133,6 +136,7 @@ class Weights:
     verdict: float = 0.5
     step: float = 0.5  # 0 turns the process part (first-wrong-step localisation) off
     format: float = 0.1
+    chain: float = 0.0  # our addition (train.py --reward steps): credit for the model's own chain, per line
 
 
 @dataclass
@@ -142,10 +146,13 @@ class Reward:
     step: float | None  # None: no wrong route with a known first wrong step shown, or switched off
     format: float
     total: float
+    chain: float | None = None  # None: no reference route given, or switched off
 
 
-def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights()) -> Reward:
-    """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`)."""
+def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), reference: str | None = None) -> Reward:
+    """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`). With a
+    reference route and w.chain > 0, chain = the share of the reference's step lines that the
+    completion's own step lines reproduce at the same place (not part of the paper; our option)."""
     p = parse(completion)
     K = len(routes)
     answer = float(check(p.answer, problem.answer))
@@ -158,7 +165,11 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
             step = sum(s == fw for s, fw in located) / len(located)
     one_each = p.verdict_order == list(range(1, K + 1))
     fmt = float(one_each and re.fullmatch(f"V{{{K}}}S+A", p.layout) is not None and p.answer is not None)
-    parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt)]
+    chain = None
+    if reference is not None and w.chain > 0:
+        ref = [x.strip() for x in reference.split("\n") if x.strip() and not ANSWER.fullmatch(x.strip())]
+        chain = sum(a == b for a, b in zip(p.steps, ref)) / max(1, len(ref))
+    parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt), (w.chain, chain)]
     parts = [(wi, ri) for wi, ri in parts if ri is not None and wi > 0]
     total = sum(wi * ri for wi, ri in parts) / sum(wi for wi, _ in parts) if parts else 0.0
-    return Reward(answer, verdict, step, fmt, total)
+    return Reward(answer, verdict, step, fmt, total, chain)

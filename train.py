@@ -71,7 +71,9 @@ def get_args(argv=None):
     g.add_argument("--mu", type=int, default=1, help="PPO epochs over each batch of samples (1: exactly on-policy)")
     g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
     g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
-    g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer"], help="mrpv: answer + verdicts + step + format; answer: answer + format")
+    g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"],
+                   help="mrpv: answer + verdicts + step + format; answer: answer + format; steps: mrpv plus credit for "
+                        "each line of the model's own chain that matches a right route (our addition, not the paper's)")
     g.add_argument("--w-verdict", type=float, default=0.5, help="weight of the verdict reward")
     g.add_argument("--w-step", type=float, default=0.5, help="weight of the first-wrong-step reward (0: off)")
     g.add_argument("--w-format", type=float, default=0.1, help="weight of the format reward")
@@ -383,6 +385,9 @@ def run_rl(args):
     weights = mrpv.Weights(verdict=args.w_verdict, step=args.w_step, format=args.w_format)
     if args.reward == "answer":
         weights = mrpv.Weights(verdict=0.0, step=0.0, format=args.w_format)
+    if args.reward == "steps":
+        weights.chain = 1.0
+    references = [next((r.text for r in b if r.correct), None) for b in banks]  # a right route, for --reward steps
     evals = eval_sets(args, ["dev", "test"])
     print(f"rl: {args.init} -> {out}/ on {device}; {len(problems)} problems with route banks; {args.steps} steps of "
           f"{n_prompts} prompts x {G} samples; routes {args.routes}{', no anneal' if args.no_anneal else ''}; "
@@ -410,8 +415,8 @@ def run_rl(args):
                            eos_ids=tok.eos_ids, seed=args.seed * 1_000_003 + step, pad_id=tok.pad_id)
         model.train()
         # ---- rewards and group-relative advantages ----
-        rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[s.prompt_index]], shown[s.prompt_index], weights)
-                   for s in samples]
+        rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[s.prompt_index]], shown[s.prompt_index], weights,
+                               references[idx[s.prompt_index]]) for s in samples]
         total = torch.tensor([r.total for r in rewards])
         adv = group_advantages(total, G, args.scale_rewards).to(device)  # (N,)
         zero_groups = float((total.view(-1, G).std(1) == 0).float().mean())
@@ -440,7 +445,7 @@ def run_rl(args):
             opt.zero_grad(set_to_none=True)
         mean = lambda xs: sum(xs) / len(xs) if xs else None
         parts = {name: mean([getattr(r, name) for r in rewards if getattr(r, name) is not None])
-                 for name in ("answer", "verdict", "step", "format")}
+                 for name in ("answer", "verdict", "step", "format", "chain")}
         h = schedule.h(step)
         log(metrics, stage="rl", step=step + 1, loss=loss_sum, reward=float(total.mean()), hint=h,
             **{f"reward_{k}": v for k, v in parts.items()}, response_len=n_tokens / len(samples),

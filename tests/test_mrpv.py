@@ -123,3 +123,15 @@ def test_partly_shown_routes_are_judged_on_what_is_shown(case):
     assert one.correct and one.text == pos.text.split("\n")[0]
     unknown = D.Route("a\nb\nAnswer : 3", False, None)
     assert P.show(unknown, 0.3) == unknown
+
+
+def test_chain_credit_counts_lines_of_the_right_route(case):
+    p, pos, neg = case
+    w = P.Weights(chain=1.0)
+    n = len(pos.text.split("\n")) - 1
+    assert P.reward(pos.text, p, [], w, reference=pos.text).chain == 1.0
+    k = neg.first_wrong - 1  # lines before the first wrong step are right, later ones follow the error
+    r = P.reward(neg.text, p, [], w, reference=pos.text)
+    assert k / n <= r.chain < 1.0 and r.answer == 0.0
+    assert P.reward(neg.text, p, [], P.Weights(), reference=pos.text).chain is None  # off by default
+    assert P.reward("garbage", p, [], w, reference=pos.text).chain == 0.0
