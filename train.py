@@ -65,7 +65,7 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses the same)")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip: ratio kept above 1 - epsilon")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip: ratio kept below 1 + epsilon_high (default epsilon)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference model)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (only 0 for now: no reference model yet)")
     g.add_argument("--loss-type", default="token", choices=["token", "sequence"], help="token mean over the batch, or per-sequence mean then batch mean")
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group's std (--no-scale-rewards: Dr. GRPO)")
     g.add_argument("--mu", type=int, default=1, help="PPO epochs over each batch of samples (1: exactly on-policy)")
@@ -375,6 +375,8 @@ def rl_start(args, device):
 
 
 def run_rl(args):
+    if args.beta > 0:  # the k3 term is in grpo_loss; loading and running the frozen reference is not written yet
+        raise D.DataError("--beta > 0 needs a reference model, which --stage rl does not load yet; use --beta 0")
     device = pick_device(args.device)
     out = Path(args.out or "out/rl")
     model, tok, problems, banks = rl_start(args, device)

@@ -122,3 +122,6 @@ def test_rl_without_a_route_bank_says_which_command_makes_one(tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--out", str(tmp_path / "rl")])
     assert "no route bank (python train.py --stage distill writes one" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--beta", "0.1"])
+    assert "--beta > 0 needs a reference model" in str(e.value.code)
