@@ -178,6 +178,15 @@ def evaluate(model, tok, problems, banks, args):
             "acc_with_routes": accuracy(model, tok, problems, shown, args.max_new_tokens)}
 
 
+def evaluate_and_log(model, tok, evals, args, path, step, **extra):
+    """Evaluate on each split, append a line per split to `path`, print the figures."""
+    for split, (ps, bs) in evals.items():
+        acc = evaluate(model, tok, ps, bs, args)
+        log(path, step=step, split=split, **acc, **extra)
+        tqdm.write(f"{'' if step is None else f'step {step} '}{split} ({len(ps)} problems): "
+                   f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f}")
+
+
 # ---- checkpoints and metrics ----
 
 def log(path: Path, **row):
@@ -286,11 +295,7 @@ def run_distill(args):
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         log(metrics, stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None, hint=None)
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            for split, (ps, bs) in evals.items():
-                acc = evaluate(model, tok, ps, bs, args)
-                log(metrics, step=step + 1, split=split, **acc)
-                tqdm.write(f"step {step + 1} {split}: acc_autonomous {acc['acc_autonomous']:.3f} "
-                           f"acc_with_routes {acc['acc_with_routes']:.3f}")
+            evaluate_and_log(model, tok, evals, args, metrics, step + 1)
     state = {"stage": "distill", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
              "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
     save_run(model, tok, out, state)
@@ -396,9 +401,7 @@ def run_rl(args):
           f"reward {args.reward}", flush=True)
     fresh_run_folder(out)
     metrics = out / "metrics.jsonl"
-    for split, (ps, bs) in evals.items():
-        log(metrics, step=0, split=split, **(acc := evaluate(model, tok, ps, bs, args)))
-        print(f"step 0 {split}: acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f}")
+    evaluate_and_log(model, tok, evals, args, metrics, 0)
     opt = make_optimizer(model, args)
     rng = random.Random(args.seed)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -455,11 +458,7 @@ def run_rl(args):
             zero_adv_groups=zero_groups, lr=opt.param_groups[0]["lr"], **stats)
         bar.set_postfix(reward=f"{float(total.mean()):.2f}", answer=f"{parts['answer']:.2f}", h=f"{h:.2f}")
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
-            for split, (ps, bs) in evals.items():
-                acc = evaluate(model, tok, ps, bs, args)
-                log(metrics, step=step + 1, split=split, **acc)
-                tqdm.write(f"step {step + 1} {split}: acc_autonomous {acc['acc_autonomous']:.3f} "
-                           f"acc_with_routes {acc['acc_with_routes']:.3f}")
+            evaluate_and_log(model, tok, evals, args, metrics, step + 1)
     state = {"stage": "rl", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
              "eaai": annealer.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
     save_run(model, tok, out, state)
@@ -479,11 +478,7 @@ def run_eval(args):
     out = Path(args.out or args.init)
     out.mkdir(parents=True, exist_ok=True)
     print(f"eval: {args.init} on {device}; appending to {out / 'eval.jsonl'}", flush=True)
-    for split, (ps, bs) in tqdm(list(sets.items()), desc="eval", dynamic_ncols=True):
-        acc = evaluate(model, tok, ps, bs, args)
-        log(out / "eval.jsonl", step=None, split=split, **acc, init=args.init)
-        tqdm.write(f"{split} ({len(ps)} problems): acc_autonomous {acc['acc_autonomous']:.3f} "
-                   f"acc_with_routes {acc['acc_with_routes']:.3f}")
+    evaluate_and_log(model, tok, sets, args, out / "eval.jsonl", None, init=args.init)
 
 
 def main(argv=None):
