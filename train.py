@@ -226,6 +226,16 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, u))))
 
 
+def autocast_for(device):
+    """bfloat16 autocast on CUDA; plain float32 elsewhere (choice 1)."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def eval_due(step, args):
+    """Evaluate every --eval-every steps (0: never in between) and after the last step."""
+    return (args.eval_every and step % args.eval_every == 0) or step == args.steps
+
+
 def make_optimizer(model, args):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -272,7 +282,7 @@ def run_distill(args):
     D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], out / "routes.jsonl")
 
     opt = make_optimizer(model, args)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
     model.train()
     bar = tqdm(range(args.steps), desc="distill", dynamic_ncols=True)
     t0 = time.time()
@@ -294,7 +304,7 @@ def run_distill(args):
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         log(metrics, stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None, hint=None)
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
+        if eval_due(step + 1, args):
             evaluate_and_log(model, tok, evals, args, metrics, step + 1)
     state = {"stage": "distill", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
              "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
@@ -404,7 +414,7 @@ def run_rl(args):
     evaluate_and_log(model, tok, evals, args, metrics, 0)
     opt = make_optimizer(model, args)
     rng = random.Random(args.seed)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
     t0 = time.time()
     for step in (bar := tqdm(range(args.steps), desc="rl", dynamic_ncols=True)):
         for g in opt.param_groups:
@@ -431,10 +441,9 @@ def run_rl(args):
         for k, s in enumerate(samples):
             old[k, :len(s.logprobs)] = torch.tensor(s.logprobs)
         n_tokens = sum(len(s.tokens) for s in samples)
-        order = sorted(range(len(samples)), key=lambda k: len(seq_prompts[k]) + len(samples[k].tokens))
         for _ in range(args.mu):
             loss_sum, stats = 0.0, {"clip_frac": 0.0, "kl": 0.0}
-            for part in micro_batches([(seq_prompts[k], samples[k].tokens, k) for k in order], args.micro_tokens):
+            for part in micro_batches([(seq_prompts[k], s.tokens, k) for k, s in enumerate(samples)], args.micro_tokens):
                 ks = [k for *_, k in part]
                 with autocast:
                     logp, mask = sequence_logprobs(model, [p for p, *_ in part], [c for _, c, _ in part], tok.pad_id, args.temperature)
@@ -457,7 +466,7 @@ def run_rl(args):
             entropy=float(-sum(sum(s.logprobs) for s in samples) / max(1, n_tokens)),  # sampled-token estimate
             zero_adv_groups=zero_groups, lr=opt.param_groups[0]["lr"], **stats)
         bar.set_postfix(reward=f"{float(total.mean()):.2f}", answer=f"{parts['answer']:.2f}", h=f"{h:.2f}")
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
+        if eval_due(step + 1, args):
             evaluate_and_log(model, tok, evals, args, metrics, step + 1)
     state = {"stage": "rl", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
              "eaai": annealer.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
