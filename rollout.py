@@ -13,6 +13,9 @@ Choices that are ours:
    random tensor per step and no host sync; the same seed gives the same tokens.
 2. Row j * B + i of the batch is sample j of prompt i (sample-major), so generate(prompts, n) samples
    exactly what generate(prompts * n, n=1) samples; the result is returned prompt-major.
+   seed may also be a list, one seed per prompt: each prompt's random draws then come from its own
+   generator, so its samples do not depend on which other prompts share the batch (what lets a
+   torchrun rank sample its share of a step's prompts exactly as one process samples them all).
 3. Finished rows stay in the batch (fed padding, their outputs ignored) rather than being compacted.
 """
 
@@ -45,7 +48,17 @@ def left_pad(prompts, pad_id, device):
     return tokens.to(device), valid.to(device), pos.to(device)
 
 
-def sample(logits, temperature, top_k, top_p, generator):
+def race_noise(shape, generators, device):
+    """Exp(1) noise (N, V): one generator for all rows, or one per prompt (rows sample-major, choice 2)."""
+    if len(generators) == 1:
+        return torch.empty(shape, device=device).exponential_(1.0, generator=generators[0])
+    B = len(generators)
+    q = torch.stack([torch.empty(shape[0] // B, shape[1], device=device).exponential_(1.0, generator=g)
+                     for g in generators], dim=1)  # (n, B, V): sample j of prompt i at [j, i]
+    return q.view(shape)
+
+
+def sample(logits, temperature, top_k, top_p, generators):
     """logits (N, V) float32 -> tokens (N,), their log-probs (N,) under softmax(logits / T) (T = 1 if greedy)."""
     logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (N, V)
     if temperature == 0:
@@ -61,7 +74,7 @@ def sample(logits, temperature, top_k, top_p, generator):
             drop = p.cumsum(-1) - p > top_p  # tokens after the smallest prefix holding top_p of the mass
             masked = masked.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
         probs = masked.softmax(-1)  # (N, V), renormalised after truncation
-        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        q = race_noise(probs.shape, generators, probs.device)
         tokens = (probs / q).argmax(-1)  # a draw from probs (choice 1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
@@ -83,10 +96,14 @@ def check_prompts(model, prompts, max_new_tokens):
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
              seed=0, pad_id=0) -> list[Sample]:
-    """Sample n completions of each prompt (lists of token ids). temperature=0 is greedy. Returns
-    len(prompts) * n Samples, prompt-major: the n samples of prompt 0 first."""
+    """Sample n completions of each prompt (lists of token ids). temperature=0 is greedy. seed: an int,
+    or one int per prompt (choice 2). Returns len(prompts) * n Samples, prompt-major: the n samples
+    of prompt 0 first."""
     if not prompts:
         return []
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) not in (1, len(prompts)):
+        raise ValueError(f"seed: one int, or one per prompt ({len(prompts)}), not {len(seeds)}")
     check_prompts(model, prompts, max_new_tokens)
     device = model.lm_head.weight.device
     B, N = len(prompts), len(prompts) * n
@@ -99,14 +116,14 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     logits = logits.repeat(n, 1)  # (N, V)
     next_pos = valid.sum(1).repeat(n)  # (N,) position of each row's first new token
 
-    generator = torch.Generator(device).manual_seed(seed)
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)
     length = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)  # stopped on an end token
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
+        tok, lp = sample(logits, temperature, top_k, top_p, generators)  # (N,), (N,)
         out[:, t] = tok.masked_fill(done, pad_id)  # finished rows are not touched
         logprobs[:, t] = lp.masked_fill(done, 0.0)
         length += ~done

@@ -1,10 +1,13 @@
 """The command line and the training loops of ReaLM.
 
     python train.py --stage distill            # guided CoT distillation: the SFT cold start -> out/distill/
+    python train.py --stage rl                 # GRPO with MRPV rewards and EAAI annealing -> out/rl/
     python train.py --stage eval --init DIR    # accuracy alone and with routes, on test and the hard split
+    torchrun --nproc_per_node=N train.py --stage rl    # the same run over N processes
 
 Read top to bottom: flags -> set-up (device, student, problems, route banks) -> evaluation ->
-checkpoints and metrics -> the distill stage -> the eval stage.
+checkpoints and metrics -> the distill stage -> the GRPO objective -> torchrun helpers -> the RL
+stage -> the eval stage.
 
 Choices that are ours:
 1. Optimizer: AdamW (betas 0.9, 0.95), weight decay on matrices only, linear warm-up then cosine
@@ -18,8 +21,10 @@ Choices that are ours:
 """
 
 import argparse
+import copy
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -27,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import distill
@@ -40,11 +46,14 @@ from rollout import generate
 # ---- flags ----
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="ReaLM: distill, evaluate (and, next, RL-train) a small model.")
+    ap = argparse.ArgumentParser(description="ReaLM: distill, RL-train and evaluate a small model.")
     g = ap.add_argument_group("run")
     g.add_argument("--stage", required=True, choices=["distill", "rl", "eval"], help="what to run")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
+    g.add_argument("--resume", action="store_true", help="rl: continue the run in --out from its trainer_state.pt, with its flags")
+    g.add_argument("--save-every", type=int, default=50, help="rl: save a checkpoint every k steps (0: only at the end)")
+    g.add_argument("--max-bad-steps", type=int, default=3, help="rl: stop after this many non-finite steps in a row")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g = ap.add_argument_group("model and data")
     g.add_argument("--init", default=None,
@@ -65,10 +74,12 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses the same)")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip: ratio kept above 1 - epsilon")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip: ratio kept below 1 + epsilon_high (default epsilon)")
-    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (only 0 for now: no reference model yet)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference model is loaded)")
     g.add_argument("--loss-type", default="token", choices=["token", "sequence"], help="token mean over the batch, or per-sequence mean then batch mean")
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group's std (--no-scale-rewards: Dr. GRPO)")
-    g.add_argument("--mu", type=int, default=1, help="PPO epochs over each batch of samples (1: exactly on-policy)")
+    g.add_argument("--mu", type=int, default=1, help="PPO epochs over each batch of samples (1 with one minibatch: exactly on-policy)")
+    g.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per epoch, each over a share of the groups")
+    g.add_argument("--algo", default="grpo", choices=["grpo", "rft"], help="grpo, or rft: fine-tune on the policy's own right answers")
     g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
     g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
     g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"],
@@ -148,7 +159,7 @@ def eval_sets(args, splits):
     if args.eval_data:
         problems = D.load_jsonl(args.eval_data)
         return {"eval": (problems, [p.routes for p in problems])}
-    if args.data:
+    if args.data or args.eval_n == 0:
         return {}
     return {s: (ps := D.split(s, args.eval_n), embedded_banks(ps, args.R, seed=1000)) for s in splits}
 
@@ -313,7 +324,7 @@ def run_distill(args):
           f"(model, tokenizer, trainer_state.pt, metrics.jsonl, routes.jsonl)")
 
 
-# ---- the RL objective: GRPO with an explicit PPO-clip loss (the loop is issue 6) ----
+# ---- the RL objective: GRPO with an explicit PPO-clip loss ----
 
 def group_advantages(rewards, n, scale=True, eps=1e-4):
     """rewards (G * n,), the n samples of each prompt adjacent -> advantages (G * n,).
@@ -363,11 +374,60 @@ def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, re
         raise ValueError(f"loss_type {loss_type!r} is not 'token' or 'sequence'")
     clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip cuts the gradient
     n = mask.sum().clamp(min=1)
-    stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n)}
+    stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl.detach() * mask).sum() / n)}
     return loss, stats
 
 
+# ---- torchrun: one process per device, gradients summed over processes ----
+
+def dist_setup(device_name):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA with
+    one GPU per process, gloo on CPU. A plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def sum_grads(model, world):
+    """Sum every parameter's gradient over the processes. Each process's loss is already its share of
+    the whole batch's mean, so the sum is the gradient one process would get from the whole batch.
+    One all-reduce per tensor: simple, not overlapped with the backward."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def sum_floats(xs, world, device):
+    """Sum a list of floats over the processes."""
+    if world == 1:
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather(xs, world):
+    """Concatenate a list held by each process, in rank order (metrics only)."""
+    if world == 1:
+        return xs
+    parts = [None] * world
+    dist.all_gather_object(parts, xs)
+    return [x for part in parts for x in part]
+
+
 # ---- the RL stage ----
+
+class TrainingError(Exception):
+    pass
+
 
 def rl_start(args, device):
     """The policy and its problems with route banks. On the embedded default the start is out/distill,
@@ -389,13 +449,93 @@ def rl_start(args, device):
     return model, tok, problems, banks
 
 
+def rl_resume(args, out: Path):
+    """--resume: the saved run's trainer state and flags (the command line's other flags are ignored,
+    so the resumed run is the run that was interrupted)."""
+    path = out / "trainer_state.pt"
+    if not path.is_file():
+        raise D.DataError(f"--resume: {path} not found (a run saves it every --save-every steps and at the end)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("stage") != "rl":
+        raise D.DataError(f"--resume: {path} is from the {state.get('stage')} stage, not rl")
+    return state, argparse.Namespace(**{**state["args"], "resume": True, "device": args.device, "out": str(out)})
+
+
+def rl_prompts(step, problems, banks, annealer, rng, args):
+    """The step's global batch: --prompts-per-step problems, each with the routes EAAI lets it show.
+    Every process draws the same batch (same seeds) and then keeps its own share."""
+    idx = [rng.randrange(len(problems)) for _ in range(args.prompts_per_step)]
+    hints = [annealer.hint(step) for _ in idx]
+    shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(banks[i], h.k, args.neg_share, rng)] if h.show else []
+             for i, h in zip(idx, hints)]
+    return idx, shown
+
+
+def policy_update(model, ref, opt, batch, args, world, pad_id):
+    """The PPO-clip update. batch: (prompt, completion, old log-probs, advantage, group) per sample of
+    this process. --mu epochs; each epoch is --num-minibatches optimizer steps, minibatch m holding the
+    groups g with g % M == m (the same split each epoch; our choice); each minibatch runs in micro-batches
+    of at most --micro-tokens padded tokens (gradient accumulation). Returns (mean loss, stats, bad
+    optimizer steps): a step whose loss or gradient is not finite is skipped, not taken."""
+    device = model.lm_head.weight.device
+    autocast = autocast_for(device)
+    M_ = args.num_minibatches
+    losses, clip, kl, bad = [], [], [], 0
+    for _ in range(args.mu):
+        for m in range(M_):
+            part = [e for e in batch if e[4] % M_ == m]
+            # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over processes
+            n_local = sum(len(e[1]) for e in part) if args.loss_type == "token" else len(part)
+            n = sum_floats([n_local], world, device)[0]
+            if n == 0:
+                continue  # nothing to learn from (RFT with no right sample)
+            loss_sum = clip_sum = kl_sum = 0.0
+            for micro in (micro_batches(part, args.micro_tokens) if part else []):
+                prompts, completions = [e[0] for e in micro], [e[1] for e in micro]
+                with autocast:
+                    logp, mask = sequence_logprobs(model, prompts, completions, pad_id, args.temperature)
+                ref_logp = None
+                if ref is not None:
+                    with torch.no_grad(), autocast:
+                        ref_logp, _ = sequence_logprobs(ref, prompts, completions, pad_id, args.temperature)
+                old = torch.zeros_like(logp)  # (n, L): the sampler's log-probs, right-padded
+                for k, e in enumerate(micro):
+                    old[k, :len(e[2])] = torch.tensor(e[2], device=device)
+                adv = torch.tensor([e[3] for e in micro], device=device)
+                loss, st = grpo_loss(logp, old, adv, mask, args.epsilon, args.epsilon_high, args.beta, ref_logp, args.loss_type)
+                share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n  # this micro-batch's part of the mean
+                (loss * share).backward()
+                loss_sum += loss.item() * share
+                clip_sum += st["clip_frac"] * share
+                kl_sum += st["kl"] * share
+            sum_grads(model, world)
+            loss_sum, clip_sum, kl_sum = sum_floats([loss_sum, clip_sum, kl_sum], world, device)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # the same verdict on every process
+                bad += 1
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss_sum), clip.append(clip_sum), kl.append(kl_sum)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    return mean(losses), {"clip_frac": mean(clip), "kl": mean(kl)}, bad
+
+
 def run_rl(args):
-    if args.beta > 0:  # the k3 term is in grpo_loss; loading and running the frozen reference is not written yet
-        raise D.DataError("--beta > 0 needs a reference model, which --stage rl does not load yet; use --beta 0")
-    device = pick_device(args.device)
+    rank, world, device = dist_setup(args.device)
     out = Path(args.out or "out/rl")
+    state = None
+    if args.resume:
+        state, args = rl_resume(args, out)
     model, tok, problems, banks = rl_start(args, device)
-    G, n_prompts = args.num_generations, args.prompts_per_step
+    ref = None
+    if args.beta > 0:  # the frozen start, for the k3 KL term; not loaded at all when beta is 0
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if state:
+        model.load_state_dict(M.load_model(out, device, torch.float32).state_dict())
+    G = args.num_generations
+    if args.prompts_per_step % world:
+        raise D.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {world} processes")
     hold = args.steps if args.no_anneal else round(args.eaai_hold * args.steps)
     schedule = eaai.Schedule(args.eaai_shape, hold, round(args.eaai_decay * args.steps))
     annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, seed=args.seed)
@@ -405,73 +545,94 @@ def run_rl(args):
     if args.reward == "steps":
         weights.chain = 1.0
     references = [next((r.text for r in b if r.correct), None) for b in banks]  # a right route, for --reward steps
-    evals = eval_sets(args, ["dev", "test"])
-    print(f"rl: {args.init} -> {out}/ on {device}; {len(problems)} problems with route banks; {args.steps} steps of "
-          f"{n_prompts} prompts x {G} samples; routes {args.routes}{', no anneal' if args.no_anneal else ''}; "
-          f"reward {args.reward}", flush=True)
-    fresh_run_folder(out)
-    metrics = out / "metrics.jsonl"
-    evaluate_and_log(model, tok, evals, args, metrics, 0)
+    evals = eval_sets(args, ["dev", "test"]) if rank == 0 else {}
     opt = make_optimizer(model, args)
     rng = random.Random(args.seed)
-    autocast = autocast_for(device)
-    t0 = time.time()
-    for step in (bar := tqdm(range(args.steps), desc="rl", dynamic_ncols=True)):
+    metrics = out / "metrics.jsonl"
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        annealer.load_state_dict(state["eaai"])
+        rng.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+        if rank == 0:  # drop what the interrupted run logged after its last checkpoint
+            rows = [r for r in metrics.read_text().splitlines() if json.loads(r)["step"] <= start]
+            metrics.write_text("".join(r + "\n" for r in rows))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"rl: {args.algo} {args.init} -> {out}/ on {device}{f' x {world} processes' if world > 1 else ''}; "
+        f"{len(problems)} problems with route banks; {args.steps} steps of {args.prompts_per_step} prompts x {G} "
+        f"samples; routes {args.routes}{', no anneal' if args.no_anneal else ''}; reward {args.reward}"
+        f"{f'; resuming after step {start}' if start else ''}", flush=True)
+    if rank == 0 and not state:
+        fresh_run_folder(out)
+        evaluate_and_log(model, tok, evals, args, metrics, 0)
+    if world > 1:
+        dist.barrier()
+
+    def save(step):
+        if rank == 0:
+            save_run(model, tok, out, {"stage": "rl", "step": step, "optimizer": opt.state_dict(), "args": vars(args),
+                                       "eaai": annealer.state_dict(),
+                                       "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}})
+        if world > 1:
+            dist.barrier()
+
+    t0, bad_run, last_save = time.time(), 0, start
+    bar = tqdm(range(start, args.steps), desc="rl", dynamic_ncols=True, disable=rank != 0, initial=start, total=args.steps)
+    for step in bar:
+        ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        # ---- rollout: prompts with the external signal EAAI grants, n samples each ----
-        idx = [rng.randrange(len(problems)) for _ in range(n_prompts)]
-        hints = [annealer.hint(step) for _ in idx]
-        shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(banks[i], h.k, args.neg_share, rng)] if h.show else []
-                 for i, h in zip(idx, hints)]
-        prompts = [tok.encode(mrpv.build_prompt(problems[i], s)) for i, s in zip(idx, shown)]
+        # ---- rollout: the global batch of prompts with EAAI's external signal; this process's share, n samples each ----
+        idx, shown = rl_prompts(step, problems, banks, annealer, rng, args)
+        mine = list(range(rank, len(idx), world))  # global prompt numbers this process samples
+        prompts = [tok.encode(mrpv.build_prompt(problems[idx[g]], shown[g])) for g in mine]
+        seeds = [(args.seed * 100_003 + step) * 1_000 + g for g in mine]  # per prompt: independent of the split
         model.eval()
         samples = generate(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           eos_ids=tok.eos_ids, seed=args.seed * 1_000_003 + step, pad_id=tok.pad_id)
+                           eos_ids=tok.eos_ids, seed=seeds, pad_id=tok.pad_id)
         model.train()
-        # ---- rewards and group-relative advantages ----
-        rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[s.prompt_index]], shown[s.prompt_index], weights,
-                               references[idx[s.prompt_index]]) for s in samples]
+        # ---- rewards and group-relative advantages (a group lives on one process) ----
+        rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[mine[s.prompt_index]]], shown[mine[s.prompt_index]],
+                               weights, references[idx[mine[s.prompt_index]]]) for s in samples]
         total = torch.tensor([r.total for r in rewards])
-        adv = group_advantages(total, G, args.scale_rewards).to(device)  # (N,)
-        zero_groups = float((total.view(-1, G).std(1) == 0).float().mean())
-        # ---- the PPO-clip update: mu epochs over the batch, micro-batched by tokens ----
-        seq_prompts = [prompts[s.prompt_index] for s in samples]
-        old = torch.zeros(len(samples), max(1, max(len(s.tokens) for s in samples)), device=device)
-        for k, s in enumerate(samples):
-            old[k, :len(s.logprobs)] = torch.tensor(s.logprobs)
-        n_tokens = sum(len(s.tokens) for s in samples)
-        for _ in range(args.mu):
-            loss_sum, stats = 0.0, {"clip_frac": 0.0, "kl": 0.0}
-            for part in micro_batches([(seq_prompts[k], s.tokens, k) for k, s in enumerate(samples)], args.micro_tokens):
-                ks = [k for *_, k in part]
-                with autocast:
-                    logp, mask = sequence_logprobs(model, [p for p, *_ in part], [c for _, c, _ in part], tok.pad_id, args.temperature)
-                L = logp.shape[1]
-                loss, st = grpo_loss(logp, old[ks, :L], adv[ks], mask, args.epsilon, args.epsilon_high, 0.0, None, args.loss_type)
-                share = mask.sum().item() / max(1, n_tokens) if args.loss_type == "token" else len(ks) / len(samples)
-                (loss * share).backward()  # the micro-batch's part of the whole batch's mean
-                loss_sum += loss.item() * share
-                stats = {key: stats[key] + st[key] * share for key in stats}
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if args.algo == "rft":  # fine-tune on the policy's own right answers: advantage 1 each, the rest dropped
+            adv = [1.0 if r.answer == 1 else None for r in rewards]
+        else:
+            adv = group_advantages(total, G, args.scale_rewards).tolist()
+        batch = [(prompts[s.prompt_index], s.tokens, s.logprobs, a, mine[s.prompt_index])
+                 for s, a in zip(samples, adv) if a is not None]
+        # ---- the update ----
+        loss, stats, bad = policy_update(model, ref, opt, batch, args, world, tok.pad_id)
+        bad_run = bad_run + 1 if bad else 0
+        # ---- metrics over every process's samples ----
+        rows = gather([(r.total, r.answer, r.verdict, r.step, r.format, r.chain, len(s.tokens), sum(s.logprobs))
+                       for r, s in zip(rewards, samples)], world)
+        col = lambda j: [row[j] for row in rows if row[j] is not None]
         mean = lambda xs: sum(xs) / len(xs) if xs else None
-        parts = {name: mean([getattr(r, name) for r in rewards if getattr(r, name) is not None])
-                 for name in ("answer", "verdict", "step", "format", "chain")}
+        groups = torch.tensor(col(0)).view(-1, G)
+        n_tokens = sum(col(6))
         h = schedule.h(step)
-        log(metrics, stage="rl", step=step + 1, loss=loss_sum, reward=float(total.mean()), hint=h,
-            **{f"reward_{k}": v for k, v in parts.items()}, response_len=n_tokens / len(samples),
-            entropy=float(-sum(sum(s.logprobs) for s in samples) / max(1, n_tokens)),  # sampled-token estimate
-            zero_adv_groups=zero_groups, lr=opt.param_groups[0]["lr"], **stats)
-        bar.set_postfix(reward=f"{float(total.mean()):.2f}", answer=f"{parts['answer']:.2f}", h=f"{h:.2f}")
-        if eval_due(step + 1, args):
+        if rank == 0:
+            log(metrics, stage="rl", step=step + 1, loss=loss, reward=mean(col(0)), hint=h,
+                **{f"reward_{k}": mean(col(j)) for j, k in enumerate(("answer", "verdict", "step", "format", "chain"), 1)},
+                response_len=n_tokens / len(rows), entropy=-sum(col(7)) / max(1, n_tokens),  # sampled-token estimate
+                zero_adv_groups=float((groups.std(1) == 0).float().mean()), skipped_updates=bad,
+                lr=opt.param_groups[0]["lr"], step_s=round(time.time() - ts, 3), **stats)
+        bar.set_postfix(reward=f"{mean(col(0)):.2f}", answer=f"{mean(col(1)):.2f}", h=f"{h:.2f}")
+        if bad_run >= args.max_bad_steps:
+            where = f"{out}/ holds the last good checkpoint (step {last_save})" if last_save else "no checkpoint was written"
+            raise TrainingError(f"loss or gradient not finite in {bad_run} steps in a row (to step {step + 1}): "
+                                f"stopped; {where}")
+        if rank == 0 and eval_due(step + 1, args):
             evaluate_and_log(model, tok, evals, args, metrics, step + 1)
-    state = {"stage": "rl", "step": args.steps, "optimizer": opt.state_dict(), "args": vars(args),
-             "eaai": annealer.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()}}
-    save_run(model, tok, out, state)
-    print(f"rl: {args.steps} steps in {time.time() - t0:.0f} s; wrote {out}/")
+        if not bad and (step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0)):
+            save(step + 1)
+            last_save = step + 1
+    say(f"rl: steps {start + 1}..{args.steps} in {time.time() - t0:.0f} s; wrote {out}/")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 # ---- the eval stage ----
@@ -494,7 +655,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         {"distill": run_distill, "rl": run_rl, "eval": run_eval}[args.stage](args)
-    except (D.DataError, M.CheckpointError) as e:
+    except (D.DataError, M.CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,5 +125,140 @@ def test_rl_without_a_route_bank_says_which_command_makes_one(tmp_path):
         train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--out", str(tmp_path / "rl")])
     assert "no route bank (python train.py --stage distill writes one" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--beta", "0.1"])
-    assert "--beta > 0 needs a reference model" in str(e.value.code)
+        train.main(["--stage", "rl", "--out", str(tmp_path / "nothing"), "--resume"])
+    assert "trainer_state.pt not found" in str(e.value.code)
+
+
+# ---- the RL loop's machinery: resume, torchrun, the reference model, bad steps, the arms ----
+
+RL_FLAGS = ["--steps", "4", "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "0",
+            "--max-new-tokens", "10", "--save-every", "2"]
+
+
+def varied_reward(completion, problem, routes, w=None, reference=None):
+    """A reward that varies with the completion whatever the model's skill, so every group carries signal."""
+    import mrpv
+
+    x = len(completion) % 7 / 6
+    return mrpv.Reward(answer=float(x > 0.5), verdict=None, step=None, format=x, total=x)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    import train
+
+    out = tmp_path_factory.mktemp("rl") / "distill"
+    train.main(["--stage", "distill", "--out", str(out), "--steps", "3", "--batch-size", "4", "--budget", "30",
+                "--eval-n", "0", "--max-new-tokens", "8"])
+    return out
+
+
+def rl_rows(out):
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in rows]  # all but the wall-clock time
+
+
+def params(out):
+    return M.load_model(out).state_dict()
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(distilled, tmp_path, monkeypatch):
+    import mrpv
+    import train
+
+    monkeypatch.setattr(mrpv, "reward", varied_reward)
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "a")] + RL_FLAGS)
+
+    calls = []
+    real = train.generate
+
+    def dies_in_step_4(*a, **k):  # the 4th rollout: after the checkpoint at step 2 and the logged step 3
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("power cut")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "generate", dies_in_step_4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "b")] + RL_FLAGS)
+    assert [r["step"] for r in rl_rows(tmp_path / "b")] == [1, 2, 3]
+    monkeypatch.setattr(train, "generate", real)
+    train.main(["--stage", "rl", "--out", str(tmp_path / "b"), "--resume"])
+
+    a, b = rl_rows(tmp_path / "a"), rl_rows(tmp_path / "b")
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and a == b
+    pa, pb = params(tmp_path / "a"), params(tmp_path / "b")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], v) for k, v in params(distilled).items())  # and RL did change the model
+
+
+def test_torchrun_two_processes_equal_one(distilled, tmp_path):
+    """2 gloo processes, each sampling half of each step's prompts, against 1 process sampling them all.
+    The samples are the same (per-prompt seeds); the gradients are sums over different micro-batches,
+    so they agree to float32 rounding, and Adam's update is bounded by the learning rate: 1e-5 apart
+    at most after 2 steps is far below the 1e-4 steps RL makes."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text("import sys, mrpv, train, test_grpo\n"
+                      "mrpv.reward = test_grpo.varied_reward\n"
+                      "train.main(sys.argv[1:])\n")
+    flags = ["--stage", "rl", "--init", str(distilled), "--steps", "2", "--prompts-per-step", "4",
+             "--num-generations", "3", "--eval-n", "0", "--max-new-tokens", "10", "--device", "cpu"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
+    for out, launch in [("one", [sys.executable]),
+                        ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 "--master_port=29531"])]:
+        r = subprocess.run(launch + [str(script)] + flags + ["--out", str(tmp_path / out)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = rl_rows(tmp_path / "one"), rl_rows(tmp_path / "two")
+    for x, y in zip(one, two):
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)  # the same samples
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    p1, p2 = params(tmp_path / "one"), params(tmp_path / "two")
+    assert max((p1[k] - p2[k]).abs().max().item() for k in p1) < 1e-5
+    assert any(not torch.equal(p1[k], v) for k, v in params(distilled).items())
+
+
+def test_reference_model_rft_and_minibatches(distilled, tmp_path, monkeypatch):
+    import mrpv
+    import train
+
+    monkeypatch.setattr(mrpv, "reward", varied_reward)
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "kl"), "--beta", "0.5",
+                "--mu", "2", "--num-minibatches", "2"] + RL_FLAGS)
+    rows = [r for r in rl_rows(tmp_path / "kl") if "stage" in r]
+    assert rows[0]["kl"] > 0  # the second minibatch and the second epoch already differ from the reference
+    assert any(r["clip_frac"] > 0 for r in rows)  # off-policy epochs: the clip engages
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "rft"), "--algo", "rft"] + RL_FLAGS)
+    assert len([r for r in rl_rows(tmp_path / "rft") if "stage" in r]) == 4
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(distilled, tmp_path, monkeypatch):
+    import mrpv
+    import train
+
+    monkeypatch.setattr(mrpv, "reward", varied_reward)
+    real = train.grpo_loss
+    steps = []
+
+    def nan_after_step_2(*a, **k):
+        loss, stats = real(*a, **k)
+        return (loss * float("nan") if len(steps) > 2 else loss), stats
+
+    monkeypatch.setattr(train, "generate", (lambda g: lambda *a, **k: steps.append(1) or g(*a, **k))(train.generate))
+    monkeypatch.setattr(train, "grpo_loss", nan_after_step_2)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "nan"), "--steps", "9",
+                    "--save-every", "1"] + RL_FLAGS[2:10])
+    assert "not finite in 3 steps in a row (to step 5)" in str(e.value.code)
+    assert "holds the last good checkpoint (step 2)" in str(e.value.code)
+    rows = [r for r in rl_rows(tmp_path / "nan") if "stage" in r]
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]
+    assert all(torch.isfinite(v).all() for v in params(tmp_path / "nan").values())

@@ -65,6 +65,19 @@ def test_seeds(lm):
     assert len({tuple(s.tokens) for s in a[:4]}) > 1  # the n samples of one prompt differ
 
 
+def test_per_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(lm):
+    prompts = prompts_of([6, 3, 11, 4])
+    together = generate(lm, prompts, n=3, max_new_tokens=20, seed=[10, 11, 12, 13])
+    halves = (generate(lm, prompts[:2], n=3, max_new_tokens=20, seed=[10, 11])
+              + generate(lm, prompts[2:], n=3, max_new_tokens=20, seed=[12, 13]))
+    alone = generate(lm, prompts[2:3], n=3, max_new_tokens=20, seed=12)
+    assert [s.tokens for s in together] == [s.tokens for s in halves]
+    assert [s.tokens for s in together[6:9]] == [s.tokens for s in alone]
+    assert len({tuple(s.tokens) for s in together}) > 4
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(lm, prompts, seed=[1, 2])
+
+
 def test_n_samples_share_a_prefill_like_separate_prefills(lm):
     prompts = prompts_of([7, 2, 12])
     shared = generate(lm, prompts, n=3, max_new_tokens=15, seed=5)
