@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -245,6 +246,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False  # True: keep only each block's input, recompute the block in the backward
         self.apply(self._init_weights)
 
     @staticmethod
@@ -264,8 +266,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if pos is None:
+            assert cache is None or cache.slot is None, "a static cache needs explicit positions"
             pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        assert start + T <= self.config.max_seq_len, f"{start} + {T} tokens > context {self.config.max_seq_len}"
+            assert start + T <= self.config.max_seq_len, f"{start} + {T} tokens > context {self.config.max_seq_len}"
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.model.embed_tokens(tokens)  # (B, T, C)
@@ -280,15 +283,18 @@ class Transformer(nn.Module):
             else:
                 key_valid = valid
             S = key_valid.shape[1]
-            q_slot = torch.arange(start, start + T, device=tokens.device)[:, None]  # (T, 1)
+            q_slot = (cache.slots(T) if cache is not None else torch.arange(T, device=tokens.device))[:, None]  # (T, 1)
             k_slot = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
             mask = (k_slot <= q_slot) & key_valid[:, None, :]  # (B, T, S): causal over slots, no padding
             mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S): a padded query sees itself
 
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
@@ -306,6 +312,10 @@ class KVCache:
     k, v: (layers, B, H_kv, T_max, D). Slot s of every row holds the token that row fed at step s (rows
     are left-padded, so all rows fill the same slots). valid: (B, T_max), False for padding slots.
     length: slots filled so far. Positions live with the caller; the cache only stores slots.
+
+    After go_static() the next slot is a tensor (`slot`) and attention runs over all T_max slots
+    (the unfilled ones masked): every decode step then has the same shapes and no host-side state,
+    which is what torch.compile and CUDA graphs need (rollout.py --compile).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
@@ -315,18 +325,37 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
+        self.slot = None  # a 0-dim tensor once static
+
+    def go_static(self):
+        self.slot = torch.tensor(self.length, device=self.k.device)
+
+    def slots(self, T):
+        """The slots the next T tokens fill: (T,) tensor."""
+        start = self.slot if self.slot is not None else self.length
+        return start + torch.arange(T, device=self.k.device)
 
     def mark(self, valid):
-        """Record which of the next T slots hold real tokens; return valid for slots 0..length+T-1."""
+        """Record which of the next T slots hold real tokens; return valid for slots 0..length+T-1
+        (static: all slots)."""
         T = valid.shape[1]
+        if self.slot is not None:
+            self.valid.index_copy_(1, self.slots(T), valid)
+            return self.valid
         assert self.length + T <= self.k.shape[3], f"cache full: {self.length} + {T} > {self.k.shape[3]}"
         self.valid[:, self.length:self.length + T] = valid
         return self.valid[:, :self.length + T]
 
+    def advance(self, T):
+        if self.slot is not None:
+            self.slot += T  # in place: a CUDA graph's replay advances it too
+        else:
+            self.length += T
+
     def prefix(self, rows) -> "KVCache":
         """A cache over the first `rows` rows that shares this one's memory (prefill once, see tile_from)."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.valid, view.length = self.k[:, :rows], self.v[:, :rows], self.valid[:rows], self.length
+        view.k, view.v, view.valid, view.length, view.slot = self.k[:, :rows], self.v[:, :rows], self.valid[:rows], self.length, None
         return view
 
     def tile_from(self, prefix: "KVCache"):
@@ -341,9 +370,14 @@ class KVCache:
         self.length = S
 
     def update(self, layer, k, v):
-        """Write k, v (B, H_kv, T, D) at slots length..length+T-1; return all filled slots (B, H_kv, S, D)."""
+        """Write k, v (B, H_kv, T, D) at the next T slots; return all filled slots (B, H_kv, S, D)
+        (static: all T_max slots)."""
         B, H, T, D = k.shape
         assert (B, H, D) == (self.k.shape[1], self.k.shape[2], self.k.shape[4]), f"{k.shape} vs cache {self.k.shape}"
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slots(T), k)
+            self.v[layer].index_copy_(2, self.slots(T), v)
+            return self.k[layer], self.v[layer]
         end = self.length + T
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -604,6 +638,14 @@ def qwen25_05b_config() -> ModelConfig:
                        architecture="Qwen2ForCausalLM")
 
 
+def qwen25_15b_config() -> ModelConfig:
+    """The shape of Qwen2.5-1.5B (random weights, for benchmarks)."""
+    return ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True,
+                       architecture="Qwen2ForCausalLM")
+
+
 # ---- benchmark: python model.py --bench ----
 
 def peak_memory_reset(device):
@@ -649,8 +691,22 @@ def bench(cfg: ModelConfig, name, batch, seq, steps, device, dtype):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    print(f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | B={batch} T={seq} | "
-          f"fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | peak {peak_memory_gib(device):6.2f} GiB")
+    line = (f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | B={batch} T={seq} | "
+            f"fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | peak {peak_memory_gib(device):6.2f} GiB")
+    peak = next((f for card, f in BF16_FLOPS.items() if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
+    if peak and dtype == torch.bfloat16:
+        print(line + f" | MFU {train_flops(cfg, n_params, seq) * batch * seq / dt / peak:5.1%}")
+    else:
+        print(line)
+
+
+BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peak of the cards
+
+
+def train_flops(cfg: ModelConfig, n_params, seq):
+    """FLOPs per trained token: 6 per parameter (forward 2, backward 4) plus attention's 12 * layers *
+    width * context (the PaLM paper's count; causal masking not discounted)."""
+    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
 
 
 if __name__ == "__main__":
@@ -671,3 +727,5 @@ if __name__ == "__main__":
     big = (8, 1024) if device.type == "cuda" else (1, 256)
     bench(tiny_config(TINY_VOCAB), "tiny", 8, 256, args.steps, device, dtype)
     bench(qwen25_05b_config(), "qwen2.5-0.5b", *big, args.steps, device, dtype)
+    if device.type == "cuda":
+        bench(qwen25_15b_config(), "qwen2.5-1.5b", *big, args.steps, device, dtype)

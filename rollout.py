@@ -17,6 +17,11 @@ Choices that are ours:
    generator, so its samples do not depend on which other prompts share the batch (what lets a
    torchrun rank sample its share of a step's prompts exactly as one process samples them all).
 3. Finished rows stay in the batch (fed padding, their outputs ignored) rather than being compacted.
+4. compile=True (off by default) decodes with a static cache (model.KVCache.go_static: attention over
+   all preallocated slots, the unfilled ones masked) through torch.compile, and on CUDA replays that
+   step as one CUDA graph, as gpt-fast does: the step's ~15 kernels per layer are launched as one.
+   The first call compiles (seconds to a minute) for any batch and cache size; the graph is
+   captured once per call of generate.
 """
 
 import argparse
@@ -93,9 +98,43 @@ def check_prompts(model, prompts, max_new_tokens):
             raise ValueError(f"prompt {i} has a token id outside [0, {V})")
 
 
+def decode(model, cache, tokens, pos):
+    """One decode step: tokens, pos (N, 1) -> next-token logits (N, V) float32."""
+    return model(tokens, pos=pos, cache=cache, last_only=True)[:, 0].float()
+
+
+decode_compiled = torch.compile(decode, dynamic=True)  # compiles lazily, at its first call, for all shapes
+
+
+class GraphedDecode:
+    """decode_compiled on a static cache, captured as one CUDA graph and replayed (choice 4). The
+    first call runs the step for real (warm-up, compiling); capture records the next step without
+    running it; every later call copies its inputs into the graph's and replays."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.graph = model, cache, None
+
+    def __call__(self, tokens, pos):
+        if self.graph is None:
+            self.tokens, self.pos = tokens.clone(), pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = decode_compiled(self.model, self.cache, self.tokens, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_compiled(self.model, self.cache, self.tokens, self.pos)
+            return logits
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
-             seed=0, pad_id=0) -> list[Sample]:
+             seed=0, pad_id=0, compile=False) -> list[Sample]:
     """Sample n completions of each prompt (lists of token ids). temperature=0 is greedy. seed: an int,
     or one int per prompt (choice 2). Returns len(prompts) * n Samples, prompt-major: the n samples
     of prompt 0 first."""
@@ -117,6 +156,11 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     next_pos = valid.sum(1).repeat(n)  # (N,) position of each row's first new token
 
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    step = lambda tokens, pos: decode(model, cache, tokens, pos)
+    if compile:  # choice 4
+        cache.go_static()
+        step = GraphedDecode(model, cache) if device.type == "cuda" else (
+            lambda tokens, pos: decode_compiled(model, cache, tokens, pos))
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)
@@ -130,7 +174,7 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
         done |= torch.isin(tok, eos)
         if t + 1 == max_new_tokens or bool(done.all()):
             break
-        logits = model(out[:, t:t + 1], pos=(next_pos + t)[:, None], cache=cache, last_only=True)[:, 0].float()
+        logits = step(out[:, t:t + 1], (next_pos + t)[:, None])
 
     out, logprobs, length, done = out.tolist(), logprobs.tolist(), length.tolist(), done.tolist()
     rows = [j * B + i for i in range(B) for j in range(n)]  # back to prompt-major
@@ -152,49 +196,79 @@ def generate_naive(model, prompts, max_new_tokens, pad_id=0):
 
 # ---- benchmark: python rollout.py --bench ----
 
-def bench(model, name, batches, new_tokens, prompt_len, naive_max):
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # the cards' specified memory bandwidth
+
+
+def decode_bytes(model, B, slots):
+    """Bytes a decode step must read from memory at least: every weight once (the embedding table
+    is read through the tied lm_head, or not at all when untied: only B of its rows) and the keys and
+    values of `slots` cache slots per row."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not c.tie_word_embeddings:
+        weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    kv = 2 * c.num_hidden_layers * B * c.num_key_value_heads * slots * c.head_dim * model.lm_head.weight.element_size()
+    return weights + kv
+
+
+def bench(model, name, batches, new_tokens, prompt_len, naive_max, compile=False):
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak = next((bw for card, bw in HBM_BYTES_PER_S.items() if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
     g = torch.Generator().manual_seed(0)
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g).tolist()
-        generate(model, prompts, max_new_tokens=32, temperature=0)  # warm-up
-        generate_naive(model, prompts, 4)
         for T in new_tokens:
+            generate(model, prompts, max_new_tokens=T, temperature=0, compile=compile)  # warm-up (and compile)
             sync()
             t0 = time.perf_counter()
-            generate(model, prompts, max_new_tokens=T, temperature=0)  # no end token: every row runs T steps
+            out = generate(model, prompts, max_new_tokens=T, temperature=0, compile=compile)  # no end token: every row runs T steps
             sync()
-            cached = B * T / (time.perf_counter() - t0)
-            line = f"{name:>12} | B={B:<3} prompt={prompt_len} new={T:<4} | cache {cached:9.1f} tok/s"
-            if B * T <= naive_max:
+            dt = time.perf_counter() - t0
+            cached = B * T / dt
+            line = f"{name:>12} | B={B:<3} prompt={prompt_len} new={T:<4} | {'compiled' if compile else 'cache'} {cached:9.1f} tok/s"
+            if compile:  # greedy tokens against the eager sampler's (low precision can flip near-ties)
+                eager = generate(model, prompts, max_new_tokens=T, temperature=0)
+                same = sum(a == b for s, e in zip(out, eager) for a, b in zip(s.tokens, e.tokens)) / (B * T)
+                first = sum(s.tokens[0] == e.tokens[0] for s, e in zip(out, eager)) / B
+                line += f" | tokens equal to eager: first {first:.0%}, all {same:.1%}"
+            if device.type == "cuda":  # memory-bound decode: bytes read per step over the step's time
+                slots = prompt_len + T if compile else prompt_len + T / 2  # static: all slots; else the filled ones
+                bw = decode_bytes(model, B, slots) * T / dt
+                line += f" | {bw / 1e9:6.0f} GB/s" + (f" = {bw / peak:5.1%} of HBM" if peak else "")
+            if B * T <= naive_max and not compile:
+                generate_naive(model, prompts, 4)
                 t0 = time.perf_counter()
                 generate_naive(model, prompts, T)
                 sync()
                 naive = B * T / (time.perf_counter() - t0)
                 line += f" | recompute {naive:9.1f} tok/s | speed-up {cached / naive:6.1f}x"
-            else:
+            elif not compile:
                 line += f" | recompute skipped (B*new > --naive-max {naive_max})"
             print(line, flush=True)
 
 
 def run_bench(args, device):
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, greedy, "
-          f"{'bfloat16' if device.type == 'cuda' else 'float32'}")
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, greedy, {'bfloat16' if device.type == 'cuda' else 'float32'}"
+          f"{', --compile' if args.compile else ''}")
     cpu, dtype = device.type == "cpu", (torch.float32 if device.type == "cpu" else torch.bfloat16)
     random_model = lambda cfg: M.Transformer(cfg).to(device, dtype).eval()  # weights don't change the speed
     runs = {  # name: (build the model, batch sizes, new tokens)
         "tiny": (lambda: random_model(M.tiny_config(M.TINY_VOCAB)), (1, 32), (128, 512)),
         "qwen2.5-0.5b": (lambda: random_model(M.qwen25_05b_config()), (1, 4) if cpu else (1, 32),
                          (32,) if cpu else (128, 512)),
+        "qwen2.5-1.5b": (lambda: random_model(M.qwen25_15b_config()), (1, 4) if cpu else (1, 32),
+                         (32,) if cpu else (128, 512)),
     }
     if args.model:
         runs = {args.model.rstrip("/").split("/")[-1]: (lambda: M.load_model(args.model, device), (1, 32), (128, 512))}
     for name, (build, batches, new_tokens) in runs.items():
-        if args.only and name != args.only:
+        if (args.only and name not in args.only.split(",")) or (not args.only and name == "qwen2.5-1.5b"):
             continue
         torch.manual_seed(0)
-        bench(build(), name, args.batches or batches, args.new_tokens or new_tokens, args.prompt_len, args.naive_max)
+        bench(build(), name, args.batches or batches, args.new_tokens or new_tokens, args.prompt_len, args.naive_max,
+              args.compile)
 
 
 def run_cli(args, device):
@@ -233,7 +307,9 @@ if __name__ == "__main__":
     b.add_argument("--new-tokens", type=ints, default=None, help="new tokens, comma-separated (default 128,512; 32 for the 0.5B shape on CPU)")
     b.add_argument("--prompt-len", type=int, default=32, help="prompt length of the benchmark's random prompts")
     b.add_argument("--naive-max", type=int, default=4096, help="run the recompute loop only where batch * new tokens <= this")
-    b.add_argument("--only", choices=["tiny", "qwen2.5-0.5b"], help="benchmark only this default model")
+    b.add_argument("--only", help="benchmark only these default models, comma-separated: tiny, qwen2.5-0.5b, "
+                                  "qwen2.5-1.5b (default: the first two)")
+    b.add_argument("--compile", action="store_true", help="decode through torch.compile (+ a CUDA graph on CUDA)")
     b.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = p.parse_args()
     if args.threads:

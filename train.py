@@ -48,7 +48,7 @@ from rollout import generate
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="ReaLM: distill, RL-train and evaluate a small model.")
     g = ap.add_argument_group("run")
-    g.add_argument("--stage", required=True, choices=["distill", "rl", "eval"], help="what to run")
+    g.add_argument("--stage", choices=["distill", "rl", "eval"], help="what to run (required unless --bench)")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
     g.add_argument("--resume", action="store_true", help="rl: continue the run in --out from its trainer_state.pt, with its flags")
@@ -102,11 +102,23 @@ def get_args(argv=None):
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 30 for distill, 3 for rl)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward (less memory)")
+    g.add_argument("--compile", action="store_true", help="rl: decode through torch.compile (+ a CUDA graph on CUDA)")
+    g = ap.add_argument_group("benchmark")
+    g.add_argument("--bench", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"],
+                   help="time --steps RL steps (default 3, the first a warm-up) of a random-weight model of this shape "
+                        "on the embedded domain at the other flags' settings, phase by phase")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every k steps (0: only at the end)")
     g.add_argument("--eval-n", type=int, default=210, help="problems per evaluation split")
     g.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per answer at most")
     args = ap.parse_args(argv)
+    if not args.stage and not args.bench:
+        ap.error("the following arguments are required: --stage (or --bench)")
+    if args.bench:
+        args.stage, args.init, args.eval_n = "rl", "scratch", 0
+        args.steps = args.steps or 3
+        args.out = args.out or f"out/bench-{args.bench}"
     if args.init is None:
         args.init = {"distill": "scratch", "rl": "out/distill"}.get(args.stage)
     if args.steps is None:
@@ -134,7 +146,9 @@ def load_student(args, device):
     if args.init == "scratch":
         tok = D.tokenizer()
         torch.manual_seed(args.seed)
-        model = M.Transformer(M.tiny_config(tok.vocab_size, max_position_embeddings=1024)).to(device)
+        shapes = {"tiny": lambda: M.tiny_config(tok.vocab_size, max_position_embeddings=1024),
+                  "qwen2.5-0.5b": M.qwen25_05b_config, "qwen2.5-1.5b": M.qwen25_15b_config}
+        model = M.Transformer(shapes[args.bench or "tiny"]()).to(device)  # a bench shape: random weights
         return model, tok
     return M.load_model(args.init, device, torch.float32), M.load_tokenizer(args.init)
 
@@ -480,7 +494,7 @@ def policy_update(model, ref, opt, batch, args, world, pad_id):
     device = model.lm_head.weight.device
     autocast = autocast_for(device)
     M_ = args.num_minibatches
-    losses, clip, kl, bad = [], [], [], 0
+    losses, clip, kl, bad, t_opt = [], [], [], 0, 0.0
     for _ in range(args.mu):
         for m in range(M_):
             part = [e for e in batch if e[4] % M_ == m]
@@ -508,6 +522,7 @@ def policy_update(model, ref, opt, batch, args, world, pad_id):
                 loss_sum += loss.item() * share
                 clip_sum += st["clip_frac"] * share
                 kl_sum += st["kl"] * share
+            t = clock(device)
             sum_grads(model, world)
             loss_sum, clip_sum, kl_sum = sum_floats([loss_sum, clip_sum, kl_sum], world, device)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
@@ -516,9 +531,25 @@ def policy_update(model, ref, opt, batch, args, world, pad_id):
             else:
                 opt.step()
             opt.zero_grad(set_to_none=True)
+            t_opt += clock(device) - t
             losses.append(loss_sum), clip.append(clip_sum), kl.append(kl_sum)
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
-    return mean(losses), {"clip_frac": mean(clip), "kl": mean(kl)}, bad
+    return mean(losses), {"clip_frac": mean(clip), "kl": mean(kl), "time_optimizer": t_opt}, bad
+
+
+def clock(device):
+    """Wall-clock seconds, after the device's queued work (phase timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def refresh(sampler, model):
+    """Copy the trained weights into the sampler (a bf16 copy on CUDA; the model itself elsewhere)."""
+    if sampler is not model:
+        with torch.no_grad():
+            for a, b in zip(sampler.parameters(), model.parameters()):
+                a.copy_(b)
 
 
 def run_rl(args):
@@ -528,11 +559,15 @@ def run_rl(args):
     if args.resume:
         state, args = rl_resume(args, out)
     model, tok, problems, banks = rl_start(args, device)
+    model.grad_checkpointing = args.grad_checkpointing
     ref = None
     if args.beta > 0:  # the frozen start, for the k3 KL term; not loaded at all when beta is 0
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     if state:
         model.load_state_dict(M.load_model(out, device, torch.float32).state_dict())
+    sampler = model  # samples and evaluations; on CUDA a bfloat16 copy of the float32 weights (choice 1)
+    if device.type == "cuda":
+        sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     G = args.num_generations
     if args.prompts_per_step % world:
         raise D.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {world} processes")
@@ -566,7 +601,7 @@ def run_rl(args):
         f"{f'; resuming after step {start}' if start else ''}", flush=True)
     if rank == 0 and not state:
         fresh_run_folder(out)
-        evaluate_and_log(model, tok, evals, args, metrics, 0)
+        evaluate_and_log(sampler, tok, evals, args, metrics, 0)
     if world > 1:
         dist.barrier()
 
@@ -581,7 +616,8 @@ def run_rl(args):
     t0, bad_run, last_save = time.time(), 0, start
     bar = tqdm(range(start, args.steps), desc="rl", dynamic_ncols=True, disable=rank != 0, initial=start, total=args.steps)
     for step in bar:
-        ts = time.time()
+        ts = t0_step = clock(device)
+        M.peak_memory_reset(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         # ---- rollout: the global batch of prompts with EAAI's external signal; this process's share, n samples each ----
@@ -589,10 +625,11 @@ def run_rl(args):
         mine = list(range(rank, len(idx), world))  # global prompt numbers this process samples
         prompts = [tok.encode(mrpv.build_prompt(problems[idx[g]], shown[g])) for g in mine]
         seeds = [(args.seed * 100_003 + step) * 1_000 + g for g in mine]  # per prompt: independent of the split
-        model.eval()
-        samples = generate(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           eos_ids=tok.eos_ids, seed=seeds, pad_id=tok.pad_id)
+        sampler.eval()
+        samples = generate(sampler, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           eos_ids=tok.eos_ids, seed=seeds, pad_id=tok.pad_id, compile=args.compile)
         model.train()
+        t_rollout, ts = clock(device) - ts, clock(device)
         # ---- rewards and group-relative advantages (a group lives on one process) ----
         rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[mine[s.prompt_index]]], shown[mine[s.prompt_index]],
                                weights, references[idx[mine[s.prompt_index]]]) for s in samples]
@@ -603,8 +640,11 @@ def run_rl(args):
             adv = group_advantages(total, G, args.scale_rewards).tolist()
         batch = [(prompts[s.prompt_index], s.tokens, s.logprobs, a, mine[s.prompt_index])
                  for s, a in zip(samples, adv) if a is not None]
+        t_reward, ts = clock(device) - ts, clock(device)
         # ---- the update ----
         loss, stats, bad = policy_update(model, ref, opt, batch, args, world, tok.pad_id)
+        refresh(sampler, model)
+        t_update = clock(device) - ts
         bad_run = bad_run + 1 if bad else 0
         # ---- metrics over every process's samples ----
         rows = gather([(r.total, r.answer, r.verdict, r.step, r.format, r.chain, len(s.tokens), sum(s.logprobs))
@@ -613,20 +653,24 @@ def run_rl(args):
         mean = lambda xs: sum(xs) / len(xs) if xs else None
         groups = torch.tensor(col(0)).view(-1, G)
         n_tokens = sum(col(6))
+        trained_tokens = sum_floats([sum(len(e[0]) + len(e[1]) for e in batch)], world, device)[0] * args.mu
         h = schedule.h(step)
         if rank == 0:
             log(metrics, stage="rl", step=step + 1, loss=loss, reward=mean(col(0)), hint=h,
                 **{f"reward_{k}": mean(col(j)) for j, k in enumerate(("answer", "verdict", "step", "format", "chain"), 1)},
                 response_len=n_tokens / len(rows), entropy=-sum(col(7)) / max(1, n_tokens),  # sampled-token estimate
                 zero_adv_groups=float((groups.std(1) == 0).float().mean()), skipped_updates=bad,
-                lr=opt.param_groups[0]["lr"], step_s=round(time.time() - ts, 3), **stats)
+                lr=opt.param_groups[0]["lr"], **stats, step_s=round(time.perf_counter() - t0_step, 3),
+                time_rollout=t_rollout, time_reward=t_reward, time_backward=t_update - stats["time_optimizer"],
+                sampled_tokens=n_tokens, trained_tokens=trained_tokens,
+                peak_gib=M.peak_memory_gib(device))
         bar.set_postfix(reward=f"{mean(col(0)):.2f}", answer=f"{mean(col(1)):.2f}", h=f"{h:.2f}")
         if bad_run >= args.max_bad_steps:
             where = f"{out}/ holds the last good checkpoint (step {last_save})" if last_save else "no checkpoint was written"
             raise TrainingError(f"loss or gradient not finite in {bad_run} steps in a row (to step {step + 1}): "
                                 f"stopped; {where}")
         if rank == 0 and eval_due(step + 1, args):
-            evaluate_and_log(model, tok, evals, args, metrics, step + 1)
+            evaluate_and_log(sampler, tok, evals, args, metrics, step + 1)
         if not bad and (step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0)):
             save(step + 1)
             last_save = step + 1
@@ -651,10 +695,30 @@ def run_eval(args):
     evaluate_and_log(model, tok, sets, args, out / "eval.jsonl", None, init=args.init)
 
 
+# ---- the benchmark: python train.py --bench SHAPE ----
+
+def report_bench(args):
+    """Print the phases of the benchmark's RL steps (the first step, a warm-up, left out)."""
+    rows = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("stage") == "rl"][1:] or rows[-1:]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)
+    sampled, trained = mean("sampled_tokens"), mean("trained_tokens")
+    print(f"bench {args.bench}: {args.prompts_per_step} prompts x {args.num_generations} samples, up to "
+          f"{args.max_new_tokens} new tokens, mu {args.mu}{', --compile' if args.compile else ''}"
+          f"{', --grad-checkpointing' if args.grad_checkpointing else ''}; mean of {len(rows)} steps")
+    for phase, tokens, what in [("rollout", sampled, "sampled"), ("reward", sampled, "scored"),
+                                ("backward", trained, "trained (forward + backward)"), ("optimizer", None, "")]:
+        t = mean(f"time_{phase}")
+        print(f"  {phase:>9} {t:8.3f} s" + (f" | {tokens / t:9.0f} tok/s {what}" if tokens and t > 0 else ""))
+    print(f"  {'step':>9} {mean('step_s'):8.3f} s | peak memory {max(r['peak_gib'] for r in rows):.2f} GiB")
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
         {"distill": run_distill, "rl": run_rl, "eval": run_eval}[args.stage](args)
+        if args.bench:
+            report_bench(args)
     except (D.DataError, M.CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
 

@@ -157,7 +157,8 @@ def rl_rows(out):
     import json
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "step_s"} for r in rows]  # all but the wall-clock time
+    timing = lambda k: k in ("step_s", "peak_gib") or k.startswith("time_")
+    return [{k: v for k, v in r.items() if not timing(k)} for r in rows]  # all but the clock and the memory
 
 
 def params(out):
@@ -262,3 +263,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(distilled, tmp_path, mon
     rows = [r for r in rl_rows(tmp_path / "nan") if "stage" in r]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]
     assert all(torch.isfinite(v).all() for v in params(tmp_path / "nan").values())
+
+
+def test_bench_times_each_phase(tmp_path, capsys):
+    import train
+
+    train.main(["--bench", "tiny", "--steps", "2", "--prompts-per-step", "2", "--num-generations", "2",
+                "--max-new-tokens", "6", "--out", str(tmp_path / "bench"), "--grad-checkpointing"])
+    out = capsys.readouterr().out
+    for phase in ("rollout", "reward", "backward", "optimizer", "peak memory"):
+        assert phase in out
+    assert "tok/s sampled" in out and "mean of 1 steps" in out

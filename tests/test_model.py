@@ -115,6 +115,15 @@ def test_left_padded_ragged_batch_equals_each_row_alone(ckpt, kind):
             assert (torch.cat([s[i] for s in steps]) - alone[n:]).abs().max() <= 1e-5
     assert torch.isfinite(prefill).all()  # padded queries stay finite too
 
+    cache = m.new_cache(3, P + 9)  # a static cache: attention over all 9 + P slots at every step
+    m(tok, pos=pos, valid=valid, cache=cache)
+    cache.go_static()
+    with torch.no_grad():
+        static = [m(extra[:, t:t + 1], pos=(lengths + t)[:, None], cache=cache) for t in range(6)]
+    assert int(cache.slot) == P + 6 and cache.k.shape[3] == P + 9
+    for a, b in zip(static, steps):
+        assert (a - b).abs().max() <= 1e-5
+
 
 def test_last_only_and_cache_overflow(ckpt):
     m = M.load_model(ckpt("mistral"), device="cpu")
@@ -182,6 +191,18 @@ def test_tied_head_shares_one_gradient(ckpt):
     m = M.load_model(ckpt("llama"), device="cpu")
     m(tokens_for(m, 1, 5)).sum().backward()
     assert m.lm_head.weight is m.model.embed_tokens.weight and m.lm_head.weight.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ckpt):
+    m = M.load_model(ckpt("qwen2"), device="cpu")
+    tok = tokens_for(m, 2, 9)
+    grads = []
+    for on in (False, True):
+        m.grad_checkpointing = on
+        m.zero_grad()
+        m(tok).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 # ---- bad input: one clear error naming the file and the key ----

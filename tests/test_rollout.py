@@ -78,6 +78,15 @@ def test_per_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(lm):
         generate(lm, prompts, seed=[1, 2])
 
 
+def test_compiled_decode_samples_what_the_eager_one_does(lm):
+    prompts = prompts_of([5, 11, 2])
+    for temperature in (0.0, 1.0):
+        eager = generate(lm, prompts, n=2, max_new_tokens=12, temperature=temperature, seed=4)
+        compiled = generate(lm, prompts, n=2, max_new_tokens=12, temperature=temperature, seed=4, compile=True)
+        assert [s.tokens for s in eager] == [s.tokens for s in compiled]
+        assert max(abs(a - b) for s, c in zip(eager, compiled) for a, b in zip(s.logprobs, c.logprobs)) <= 1e-5
+
+
 def test_n_samples_share_a_prefill_like_separate_prefills(lm):
     prompts = prompts_of([7, 2, 12])
     shared = generate(lm, prompts, n=3, max_new_tokens=15, seed=5)
