@@ -49,6 +49,12 @@ def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool =
     return [D.teacher_route(problem)] * R + negatives
 
 
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt ids: wrapped in the checkpoint's chat format when its tokenizer has one (instruct
+    models), plain text otherwise (base models, the embedded domain)."""
+    return tok.encode(tok.chat(text), special=False) if tok.chat_format else tok.encode(text)
+
+
 def teacher_prompt(problem: D.Problem, guided: bool) -> str:
     return (f"Rules : {problem.rules}\n" if guided and problem.rules else "") + mrpv.build_prompt(problem, [])
 
@@ -60,12 +66,12 @@ def checkpoint_bank(teacher, tok, problems, R: int, guided=True, n=4, max_new_to
     banks = []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        prompts = [tok.encode(teacher_prompt(p, guided)) for p in chunk]
+        prompts = [encode_prompt(tok, teacher_prompt(p, guided)) for p in chunk]
         samples = generate(teacher, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_ids=tok.eos_ids, seed=seed + i, pad_id=tok.pad_id)
         for j, p in enumerate(chunk):
             texts = [tok.decode(s.tokens).strip() for s in samples[j * n:(j + 1) * n]]
-            routes = [D.Route(t, D.check(mrpv.parse(t).answer, p.answer)) for t in texts]
+            routes = [D.Route(t, D.check(mrpv.answer_of(t, free_form=True), p.answer)) for t in texts]
             banks.append([r for r in routes if r.correct][:R] + [r for r in routes if not r.correct][:R])
     return banks
 
@@ -90,7 +96,7 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
         shown = mrpv.select_routes(bank, K, neg_share, rng) if rng.random() < mrpv_share else []
         prompt = mrpv.build_prompt(p, shown)
         response = mrpv.teacher_response(shown, solution)
-        out.append((tok.encode(prompt), tok.encode(response) + tok.eos_ids[:1]))
+        out.append((encode_prompt(tok, prompt), tok.encode(response) + tok.eos_ids[:1]))
     return out
 
 

@@ -266,6 +266,48 @@ def check(predicted, answer) -> bool:
     return p != "" and p == normalize(answer)
 
 
+ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?::|is)\s*(.+)", re.IGNORECASE)
+NUMBER_IN_TEXT = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+
+
+def boxed(text: str):
+    """The content of the last \\boxed{...}, braces balanced; None when there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, min(len(text), i + 1000)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def extract_answer(text) -> str | None:
+    """The final answer of a free-form (e.g. GSM8K) completion; never raises, None when there is none.
+    In order: the last 'Answer: X' (or 'The answer is X') line, the last \\boxed{X}, the last '#### X',
+    else the last number in the text. Where X holds a number, the number is kept ('$1,200 per day'
+    -> '$1,200', which normalize() reads as 1200)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text[-20000:]  # the end of a runaway completion is where its answer is
+    found = None
+    for line in reversed(text.strip().split("\n")):
+        if m := ANSWER_LINE.search(line):
+            found = m.group(1)
+            break
+    if found is None:
+        found = boxed(text)
+    if found is None and "####" in text:
+        found = text.rsplit("####", 1)[1].strip().split("\n")[0]
+    if found is None:
+        numbers = NUMBER_IN_TEXT.findall(text)
+        return numbers[-1] if numbers else None
+    numbers = NUMBER_IN_TEXT.findall(found)
+    found = numbers[0] if numbers else found.strip().rstrip(".")
+    return found or None
+
+
 # ---- JSONL files ----
 
 def gsm8k_answer(answer: str) -> str:

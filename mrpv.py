@@ -45,7 +45,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from domain import Problem, Route, check
+from domain import Problem, Route, check, extract_answer
 
 VERDICT = re.compile(r"Route (\d{1,4}) : (sound|wrong(?: at step (\d{1,4}))?)")
 ANSWER = re.compile(r"answer\s*:\s*(.*)", re.IGNORECASE)
@@ -128,6 +128,12 @@ def parse(completion) -> Parsed:
     return Parsed(verdicts, answer, "".join(layout), order, steps)
 
 
+def answer_of(completion, free_form=False, parsed=None):
+    """The completion's answer: its answer line; with free_form, else what domain.extract_answer finds."""
+    a = (parsed or parse(completion)).answer
+    return extract_answer(completion) if a is None and free_form else a
+
+
 # ---- rewards ----
 
 @dataclass
@@ -149,13 +155,16 @@ class Reward:
     chain: float | None = None  # None: no reference route given, or switched off
 
 
-def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), reference: str | None = None) -> Reward:
+def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), reference: str | None = None,
+           free_form: bool = False) -> Reward:
     """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`). With a
     reference route and w.chain > 0, chain = the share of the reference's step lines that the
-    completion's own step lines reproduce at the same place (not part of the paper; our option)."""
+    completion's own step lines reproduce at the same place (not part of the paper; our option).
+    free_form (real data, e.g. GSM8K): without an answer line, domain.extract_answer finds the answer
+    (\\boxed{}, ####, the last number); the format reward still asks for the answer line."""
     p = parse(completion)
     K = len(routes)
-    answer = float(check(p.answer, problem.answer))
+    answer = float(check(answer_of(completion, free_form, p), problem.answer))
     verdict = step = None
     if K:
         said = [p.verdicts.get(k, "missing") for k in range(1, K + 1)]

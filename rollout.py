@@ -17,7 +17,11 @@ Choices that are ours:
    generator, so its samples do not depend on which other prompts share the batch (what lets a
    torchrun rank sample its share of a step's prompts exactly as one process samples them all).
 3. Finished rows stay in the batch (fed padding, their outputs ignored) rather than being compacted.
-4. compile=True (off by default) decodes with a static cache (model.KVCache.go_static: attention over
+4. Eager decoding on CUDA keeps SDPA off its cuDNN kernel: a profile on an H200 (torch 2.11) showed
+   cuDNN building a new plan whenever the cache length changes, 1.6 ms of CPU per layer per step
+   (~40 ms a step for a 24-layer model, the GPU idle). Flash / memory-efficient / math kernels have
+   no such cost. (That fix is not yet timed on a GPU; the figures in the README predate it.)
+5. compile=True (off by default) decodes with a static cache (model.KVCache.go_static: attention over
    all preallocated slots, the unfilled ones masked) through torch.compile, and on CUDA replays that
    step as one CUDA graph, as gpt-fast does: the step's ~15 kernels per layer are launched as one.
    The first call compiles (seconds to a minute) for any batch and cache size; the graph is
@@ -25,10 +29,13 @@ Choices that are ours:
 """
 
 import argparse
+import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model as M
 
@@ -98,16 +105,23 @@ def check_prompts(model, prompts, max_new_tokens):
             raise ValueError(f"prompt {i} has a token id outside [0, {V})")
 
 
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def decode(model, cache, tokens, pos):
     """One decode step: tokens, pos (N, 1) -> next-token logits (N, V) float32."""
     return model(tokens, pos=pos, cache=cache, last_only=True)[:, 0].float()
 
 
-decode_compiled = torch.compile(decode, dynamic=True)  # compiles lazily, at its first call, for all shapes
+@functools.cache
+def compiled_decode():
+    """decode through torch.compile, made at first use (importing the compiler is slow); it compiles
+    at its first call, for all shapes (dynamic)."""
+    return torch.compile(decode, dynamic=True)
 
 
 class GraphedDecode:
-    """decode_compiled on a static cache, captured as one CUDA graph and replayed (choice 4). The
+    """compiled_decode() on a static cache, captured as one CUDA graph and replayed (choice 5). The
     first call runs the step for real (warm-up, compiling); capture records the next step without
     running it; every later call copies its inputs into the graph's and replays."""
 
@@ -120,11 +134,11 @@ class GraphedDecode:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = decode_compiled(self.model, self.cache, self.tokens, self.pos)
+                logits = compiled_decode()(self.model, self.cache, self.tokens, self.pos)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = decode_compiled(self.model, self.cache, self.tokens, self.pos)
+                self.logits = compiled_decode()(self.model, self.cache, self.tokens, self.pos)
             return logits
         self.tokens.copy_(tokens)
         self.pos.copy_(pos)
@@ -156,11 +170,14 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     next_pos = valid.sum(1).repeat(n)  # (N,) position of each row's first new token
 
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    step = lambda tokens, pos: decode(model, cache, tokens, pos)
-    if compile:  # choice 4
+    if compile:  # choice 5
         cache.go_static()
         step = GraphedDecode(model, cache) if device.type == "cuda" else (
-            lambda tokens, pos: decode_compiled(model, cache, tokens, pos))
+            lambda tokens, pos: compiled_decode()(model, cache, tokens, pos))
+    else:
+        def step(tokens, pos):
+            with sdpa_kernel(NO_CUDNN) if device.type == "cuda" else contextlib.nullcontext():  # choice 4
+                return decode(model, cache, tokens, pos)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)

@@ -181,17 +181,17 @@ def eval_sets(args, splits):
 # ---- evaluation ----
 
 @torch.no_grad()
-def accuracy(model, tok, problems, routes, max_new_tokens, batch_size=256):
+def accuracy(model, tok, problems, routes, max_new_tokens, batch_size=256, free_form=False):
     """Greedy exact-answer accuracy on prompts showing `routes[i]` for problem i (empty: autonomous)."""
     was_training = model.training
     model.eval()
     right = 0
     for i in range(0, len(problems), batch_size):
         ps, rs = problems[i:i + batch_size], routes[i:i + batch_size]
-        prompts = [tok.encode(mrpv.build_prompt(p, r)) for p, r in zip(ps, rs)]
+        prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r)) for p, r in zip(ps, rs)]
         samples = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0,
                            eos_ids=tok.eos_ids, pad_id=tok.pad_id)
-        right += sum(D.check(mrpv.parse(tok.decode(s.tokens)).answer, p.answer) for s, p in zip(samples, ps))
+        right += sum(D.check(mrpv.answer_of(tok.decode(s.tokens), free_form), p.answer) for s, p in zip(samples, ps))
     model.train(was_training)
     return right / max(1, len(problems))
 
@@ -199,8 +199,9 @@ def accuracy(model, tok, problems, routes, max_new_tokens, batch_size=256):
 def evaluate(model, tok, problems, banks, args):
     """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem)."""
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
-    return {"acc_autonomous": accuracy(model, tok, problems, [[]] * len(problems), args.max_new_tokens),
-            "acc_with_routes": accuracy(model, tok, problems, shown, args.max_new_tokens)}
+    free = bool(args.data)  # real data: free-form answers (domain.extract_answer)
+    return {"acc_autonomous": accuracy(model, tok, problems, [[]] * len(problems), args.max_new_tokens, free_form=free),
+            "acc_with_routes": accuracy(model, tok, problems, shown, args.max_new_tokens, free_form=free)}
 
 
 def evaluate_and_log(model, tok, evals, args, path, step, **extra):
@@ -623,7 +624,7 @@ def run_rl(args):
         # ---- rollout: the global batch of prompts with EAAI's external signal; this process's share, n samples each ----
         idx, shown = rl_prompts(step, problems, banks, annealer, rng, args)
         mine = list(range(rank, len(idx), world))  # global prompt numbers this process samples
-        prompts = [tok.encode(mrpv.build_prompt(problems[idx[g]], shown[g])) for g in mine]
+        prompts = [distill.encode_prompt(tok, mrpv.build_prompt(problems[idx[g]], shown[g])) for g in mine]
         seeds = [(args.seed * 100_003 + step) * 1_000 + g for g in mine]  # per prompt: independent of the split
         sampler.eval()
         samples = generate(sampler, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -632,7 +633,7 @@ def run_rl(args):
         t_rollout, ts = clock(device) - ts, clock(device)
         # ---- rewards and group-relative advantages (a group lives on one process) ----
         rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[mine[s.prompt_index]]], shown[mine[s.prompt_index]],
-                               weights, references[idx[mine[s.prompt_index]]]) for s in samples]
+                               weights, references[idx[mine[s.prompt_index]]], free_form=bool(args.data)) for s in samples]
         total = torch.tensor([r.total for r in rewards])
         if args.algo == "rft":  # fine-tune on the policy's own right answers: advantage 1 each, the rest dropped
             adv = [1.0 if r.answer == 1 else None for r in rewards]

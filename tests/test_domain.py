@@ -147,3 +147,25 @@ def test_jsonl_empty_and_missing_files(tmp_path):
         D.load_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(D.DataError, match="unknown split"):
         D.split("validation", 3)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("She has 5 + 3 = 8 apples.\nAnswer: 8", "8"),
+    ("The answer is $1,200 per day.", "1200"),
+    ("so \\boxed{\\frac{1}{2}} -- no: \\boxed{42}.", "42"),
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+    ("He pays 3 * 4 = 12 dollars, then 12 + 0.5 = 12.5", "12.5"),
+    ("Answer : -7", "-7"),
+    ("Final answer: 1,000,000", "1000000"),
+    ("The final answer is 18.\nI hope it is correct: 3 checks.", "18"),
+    ("x" * 100_000 + " 7", "7"),
+])
+def test_extract_answer_from_free_form_completions(text, want):
+    assert D.check(D.extract_answer(text), want)
+
+
+@pytest.mark.parametrize("garbage", ["", "   ", None, 42, ["Answer: 1"], "no number at all", "\\boxed{", "####",
+                                     "Answer:", "\x00\ufffd" * 50, "9" * 5000])
+def test_extract_answer_never_raises(garbage):
+    a = D.extract_answer(garbage)
+    assert a is None or isinstance(a, str)

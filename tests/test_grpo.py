@@ -274,3 +274,37 @@ def test_bench_times_each_phase(tmp_path, capsys):
     for phase in ("rollout", "reward", "backward", "optimizer", "peak memory"):
         assert phase in out
     assert "tok/s sampled" in out and "mean of 1 steps" in out
+
+
+def test_rl_on_a_qwen_layout_checkpoint_with_gsm8k_jsonl_and_the_chat_format(tmp_path, monkeypatch):
+    """A random-weight folder in the Qwen2.5 layout (qkv bias, tied head, ChatML template) through 2 RL
+    steps on GSM8K-format JSONL (answers after '####', one problem with teacher routes)."""
+    import json
+
+    import train
+    from conftest import write_checkpoint
+
+    words = [str(i) for i in range(30)] + "Tom has apples . He buys more How many ? Answer : #### so".split()
+    tok = M.build_tokenizer(words)
+    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    folder = write_checkpoint(tmp_path / "qwen", "qwen2", vocab_size=tok.vocab_size, max_position_embeddings=512)
+    tok.save(folder)
+    template = "{%- for message in messages %}{{- '<|im_start|>' + message['role'] }}{%- endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": template}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in [
+        {"question": "Tom has 3 apples . He buys 4 more . How many ?", "answer": "3 + 4 = 7 apples\n#### 7",
+         "routes": [{"text": "3 + 4 = 7\nAnswer : 7", "correct": True}, {"text": "3 + 4 = 8\nAnswer : 8", "correct": False}]},
+        {"question": "Tom has 9 apples . How many ?", "answer": "#### 9"},
+    ]) + "\n")
+
+    seen = []
+    real = train.generate
+    monkeypatch.setattr(train, "generate", lambda m, prompts, **k: seen.extend(prompts) or real(m, prompts, **k))
+    train.main(["--stage", "rl", "--init", str(folder), "--data", str(data), "--out", str(tmp_path / "rl"),
+                "--steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6"])
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    im_start = tok.tok.token_to_id("<|im_start|>")
+    assert seen and all(p[0] == im_start for p in seen)  # the prompts are in the checkpoint's chat format
+    assert M.load_model(tmp_path / "rl").config.qkv_bias
