@@ -135,7 +135,7 @@ RL_FLAGS = ["--steps", "4", "--prompts-per-step", "2", "--num-generations", "3",
             "--max-new-tokens", "10", "--save-every", "2"]
 
 
-def varied_reward(completion, problem, routes, w=None, reference=None):
+def varied_reward(completion, problem, routes, w=None, reference=None, free_form=False):
     """A reward that varies with the completion whatever the model's skill, so every group carries signal."""
     import mrpv
 
