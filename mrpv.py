@@ -143,6 +143,7 @@ class Weights:
     step: float = 0.5  # 0 turns the process part (first-wrong-step localisation) off
     format: float = 0.1
     chain: float = 0.0  # our addition (train.py --reward steps): credit for the model's own chain, per line
+    gate: bool = False  # our option: a completion without one verdict per shown route scores 0 in total
 
 
 @dataclass
@@ -181,4 +182,6 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
     parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt), (w.chain, chain)]
     parts = [(wi, ri) for wi, ri in parts if ri is not None and wi > 0]
     total = sum(wi * ri for wi, ri in parts) / sum(wi for wi, _ in parts) if parts else 0.0
+    if w.gate and K and sorted(p.verdicts) != list(range(1, K + 1)):
+        total = 0.0  # skipping the verification does not pay, whatever the answer
     return Reward(answer, verdict, step, fmt, total, chain)

@@ -71,7 +71,7 @@ def get_args(argv=None):
     g = ap.add_argument_group("rl (GRPO; flag names follow TRL's where one exists)")
     g.add_argument("--num-generations", type=int, default=8, help="samples per prompt (the group)")
     g.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the loss uses the same)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the loss uses the same)")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip: ratio kept above 1 - epsilon")
     g.add_argument("--epsilon-high", type=float, default=None, help="PPO clip: ratio kept below 1 + epsilon_high (default epsilon)")
     g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference model is loaded)")
@@ -88,16 +88,21 @@ def get_args(argv=None):
     g.add_argument("--w-verdict", type=float, default=0.5, help="weight of the verdict reward")
     g.add_argument("--w-step", type=float, default=0.5, help="weight of the first-wrong-step reward (0: off)")
     g.add_argument("--w-format", type=float, default=0.1, help="weight of the format reward")
+    g.add_argument("--verdict-gate", action=argparse.BooleanOptionalAction, default=False,
+                   help="a completion that skips the verdict on a shown route scores 0 in total")
     g.add_argument("--eaai-shape", default="cosine", choices=eaai.SHAPES, help="shape of the EAAI decay")
     g.add_argument("--eaai-hold", type=float, default=0.0, help="share of steps at full signal before the decay")
     g.add_argument("--eaai-decay", type=float, default=0.6, help="share of steps over which the signal decays to 0")
+    g.add_argument("--eaai-partial", action=argparse.BooleanOptionalAction, default=True,
+                   help="as h decays, show only the first h share of each route's lines (--no-eaai-partial: whole routes, "
+                        "fewer of them and on fewer prompts)")
     g = ap.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 for distill, 60 for rl)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 for distill, 120 for rl)")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     g.add_argument("--micro-tokens", type=int, default=4096,
                    help="gradient accumulation: a step's batch, sorted by length, runs in micro-batches of at most this many padded tokens")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: distill 2e-3 from scratch, 1e-5 from a checkpoint; rl 1e-4 on the "
+                   help="peak learning rate (default: distill 2e-3 from scratch, 1e-5 from a checkpoint; rl 3e-5 on the "
                         "embedded domain, 1e-6 on --data)")
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 30 for distill, 3 for rl)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -122,10 +127,10 @@ def get_args(argv=None):
     if args.init is None:
         args.init = {"distill": "scratch", "rl": "out/distill"}.get(args.stage)
     if args.steps is None:
-        args.steps = 60 if args.stage == "rl" else 600
+        args.steps = 120 if args.stage == "rl" else 600
     if args.lr is None:
         if args.stage == "rl":
-            args.lr = 1e-6 if args.data else 1e-4
+            args.lr = 1e-6 if args.data else 3e-5
         else:
             args.lr = 2e-3 if args.init == "scratch" else 1e-5
     if args.warmup is None:
@@ -574,12 +579,13 @@ def run_rl(args):
         raise D.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {world} processes")
     hold = args.steps if args.no_anneal else round(args.eaai_hold * args.steps)
     schedule = eaai.Schedule(args.eaai_shape, hold, round(args.eaai_decay * args.steps))
-    annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, seed=args.seed)
+    annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, seed=args.seed, vary_length=args.eaai_partial)
     weights = mrpv.Weights(verdict=args.w_verdict, step=args.w_step, format=args.w_format)
     if args.reward == "answer":
         weights = mrpv.Weights(verdict=0.0, step=0.0, format=args.w_format)
     if args.reward == "steps":
         weights.chain = 1.0
+    weights.gate = args.verdict_gate
     references = [next((r.text for r in b if r.correct), None) for b in banks]  # a right route, for --reward steps
     evals = eval_sets(args, ["dev", "test"]) if rank == 0 else {}
     opt = make_optimizer(model, args)

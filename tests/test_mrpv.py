@@ -135,3 +135,16 @@ def test_chain_credit_counts_lines_of_the_right_route(case):
     assert k / n <= r.chain < 1.0 and r.answer == 0.0
     assert P.reward(neg.text, p, [], P.Weights(), reference=pos.text).chain is None  # off by default
     assert P.reward("garbage", p, [], w, reference=pos.text).chain == 0.0
+
+
+def test_the_verdict_gate_zeroes_a_response_that_skips_verification(case):
+    p, pos, neg = case
+    gate = P.Weights(gate=True)
+    skipped = P.reward(pos.text, p, [pos, neg], gate)  # the right answer, but no verdicts
+    assert skipped.answer == 1.0 and skipped.total == 0.0
+    assert P.reward(pos.text, p, [pos, neg], P.Weights()).total > 0  # off by default: partial credit
+    full = P.reward(P.teacher_response([pos, neg], pos.text), p, [pos, neg], gate)
+    assert full.total == 1.0
+    half = P.reward(P.verdict_line(1, pos) + "\n" + pos.text, p, [pos, neg], gate)  # route 2 left out
+    assert half.total == 0.0
+    assert P.reward(pos.text, p, [], gate).total > 0.9  # no route shown: nothing to verify
