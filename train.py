@@ -18,6 +18,12 @@ Choices that are ours:
    well short of 100 % on test, which leaves RL something to add.
 3. Evaluation is greedy. acc_with_routes shows K routes drawn from the split's own route bank with
    the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
+4. RL defaults, chosen on the dev split of the embedded domain (README, "RL, measured"): 8 prompts x
+   8 samples a step at temperature 0.7, lr 3e-5, 120 steps, EAAI cosine decay over the first 60 %.
+   On CUDA the rollouts sample from a bfloat16 copy of the float32 weights, so the first epoch's
+   ratio is 1 up to bfloat16 rounding (exactly 1 on CPU).
+5. Sampling seeds are per prompt and step, so torchrun's N processes sample what one process
+   would; minibatches (--num-minibatches) split by group, the same split every epoch.
 """
 
 import argparse
