@@ -83,9 +83,12 @@ def teacher_accuracy(banks) -> float:
 
 # ---- SFT examples and loss ----
 
-def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: float, rng: random.Random):
+def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: float, rng: random.Random,
+                 eaai_prompts=False):
     """(prompt ids, response ids) pairs: autonomous prompt -> a positive route; with probability
     mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead.
+    eaai_prompts: the MRPV prompts show what EAAI will show during RL: 1..K routes, each cut to a
+    random prefix of its lines (mrpv.show), so RL's prompts are not new to the student.
     Problems whose bank holds no positive route give no example."""
     out = []
     for p, bank in zip(problems, banks):
@@ -93,7 +96,10 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
         if not positives:
             continue
         solution = rng.choice(positives).text
-        shown = mrpv.select_routes(bank, K, neg_share, rng) if rng.random() < mrpv_share else []
+        shown = []
+        if rng.random() < mrpv_share:
+            k, frac = (rng.randint(1, K), rng.choice([1.0, rng.random()])) if eaai_prompts else (K, 1.0)
+            shown = [mrpv.show(r, frac) for r in mrpv.select_routes(bank, k, neg_share, rng)]
         prompt = mrpv.build_prompt(p, shown)
         response = mrpv.teacher_response(shown, solution)
         out.append((encode_prompt(tok, prompt), tok.encode(response) + tok.eos_ids[:1]))

@@ -72,6 +72,8 @@ def get_args(argv=None):
     g.add_argument("--unguided", action="store_true", help="distil from the teacher WITHOUT the rules (the baseline)")
     g.add_argument("--R", type=int, default=3, help="positive and negative routes per problem in the route bank, each")
     g.add_argument("--mrpv-share", type=float, default=0.1, help="share of SFT examples in the MRPV format")
+    g.add_argument("--sft-eaai", action=argparse.BooleanOptionalAction, default=False,
+                   help="MRPV SFT examples show what EAAI shows in RL: 1..K routes, partly shown")
     g.add_argument("--K", type=int, default=3, help="routes shown in an MRPV prompt")
     g.add_argument("--neg-share", type=float, default=0.5, help="expected share of wrong routes among those shown")
     g = ap.add_argument_group("rl (GRPO; flag names follow TRL's where one exists)")
@@ -301,7 +303,7 @@ def run_distill(args):
     model, tok = load_student(args, device)
     problems, banks = train_set(args)
     rng = random.Random(args.seed)
-    examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng)
+    examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng, args.sft_eaai)
     if not examples:
         raise D.DataError("no SFT example: no problem has a positive (correct) route")
     teacher_acc = distill.teacher_accuracy(banks)
