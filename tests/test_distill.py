@@ -71,6 +71,13 @@ def test_sft_examples_mix_both_formats():
     assert len(ex) == 200 and 60 < len(route_prompts) < 140
     assert all(tok.decode(r).startswith("Route 1 : ") for p, r in route_prompts)
 
+    ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), eaai_prompts=True)
+    counts = {tok.decode(p).count("Route ") for p, _ in ex}
+    assert counts == {1, 2, 3}  # 1..K routes, as EAAI shows them
+    shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
+    assert any(t.count("Answer :") < t.count("Route ") for t in shown)  # some routes shown in part
+    assert all(r.count("Route ") == t.count("Route ") for t, r in zip(shown, said))  # a verdict per shown route
+
 
 TINY = ["--steps", "40", "--batch-size", "8", "--budget", "100", "--eval-n", "21", "--max-new-tokens", "40",
         "--warmup", "5"]
