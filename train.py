@@ -486,7 +486,8 @@ def rl_resume(args, out: Path):
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("stage") != "rl":
         raise D.DataError(f"--resume: {path} is from the {state.get('stage')} stage, not rl")
-    return state, argparse.Namespace(**{**state["args"], "resume": True, "device": args.device, "out": str(out)})
+    defaults = vars(get_args(["--stage", "rl"]))  # flags added since the run was saved take their defaults
+    return state, argparse.Namespace(**{**defaults, **state["args"], "resume": True, "device": args.device, "out": str(out)})
 
 
 def rl_prompts(step, problems, banks, annealer, rng, args):
