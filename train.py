@@ -645,7 +645,8 @@ def run_rl(args):
         samples = generate(sampler, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            eos_ids=tok.eos_ids, seed=seeds, pad_id=tok.pad_id, compile=args.compile)
         model.train()
-        t_rollout, ts = clock(device) - ts, clock(device)
+        now = clock(device)
+        t_rollout, ts = now - ts, now
         # ---- rewards and group-relative advantages (a group lives on one process) ----
         rewards = [mrpv.reward(tok.decode(s.tokens), problems[idx[mine[s.prompt_index]]], shown[mine[s.prompt_index]],
                                weights, references[idx[mine[s.prompt_index]]], free_form=bool(args.data)) for s in samples]
@@ -656,7 +657,8 @@ def run_rl(args):
             adv = group_advantages(total, G, args.scale_rewards).tolist()
         batch = [(prompts[s.prompt_index], s.tokens, s.logprobs, a, mine[s.prompt_index])
                  for s, a in zip(samples, adv) if a is not None]
-        t_reward, ts = clock(device) - ts, clock(device)
+        now = clock(device)
+        t_reward, ts = now - ts, now
         # ---- the update ----
         loss, stats, bad = policy_update(model, ref, opt, batch, args, world, tok.pad_id)
         refresh(sampler, model)
