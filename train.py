@@ -31,11 +31,16 @@ import copy
 import json
 import math
 import os
+import platform
 import random
+import shlex
 import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -54,7 +59,7 @@ from rollout import generate
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="ReaLM: distill, RL-train and evaluate a small model.")
     g = ap.add_argument_group("run")
-    g.add_argument("--stage", choices=["distill", "rl", "eval"], help="what to run (required unless --bench)")
+    g.add_argument("--stage", choices=["distill", "rl", "eval", "ablate"], help="what to run (required unless --bench)")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
     g.add_argument("--resume", action="store_true", help="rl: continue the run in --out from its trainer_state.pt, with its flags")
@@ -125,6 +130,14 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every k steps (0: only at the end)")
     g.add_argument("--eval-n", type=int, default=210, help="problems per evaluation split")
     g.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per answer at most")
+    g.add_argument("--eval-splits", default="test,hard", help="eval and ablate: the embedded splits to evaluate on "
+                   "(dev, test, hard; choose settings on dev, never on test)")
+    g = ap.add_argument_group("ablation (--stage ablate; the rl and distillation flags above apply to every arm)")
+    g.add_argument("--arms", help=f"comma-separated arms (default: all; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
+    g.add_argument("--seeds", type=int, default=None, help="seeds per arm, from --seed on (default 3; --quick: 1)")
+    g.add_argument("--quick", action="store_true", help="the key arms, one seed, 60 rl steps (unless given)")
+    g.add_argument("--distill-steps", type=int, default=600, help="steps of each seed's distillation")
+    g.add_argument("--jobs", type=int, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
     args = ap.parse_args(argv)
     if not args.stage and not args.bench:
         ap.error("the following arguments are required: --stage (or --bench)")
@@ -135,16 +148,18 @@ def get_args(argv=None):
     if args.init is None:
         args.init = {"distill": "scratch", "rl": "out/distill"}.get(args.stage)
     if args.steps is None:
-        args.steps = 120 if args.stage == "rl" else 600
+        args.steps = {"rl": 120, "ablate": 60 if args.quick else 120}.get(args.stage, 600)
     if args.lr is None:
-        if args.stage == "rl":
+        if args.stage in ("rl", "ablate"):
             args.lr = 1e-6 if args.data else 3e-5
         else:
             args.lr = 2e-3 if args.init == "scratch" else 1e-5
     if args.warmup is None:
-        args.warmup = 3 if args.stage == "rl" else 30
+        args.warmup = 3 if args.stage in ("rl", "ablate") else 30
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
+    if args.stage == "ablate":  # for results.md
+        args.command = " ".join(["python train.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     return args
 
 
@@ -189,6 +204,14 @@ def eval_sets(args, splits):
     if args.data or args.eval_n == 0:
         return {}
     return {s: (ps := D.split(s, args.eval_n), embedded_banks(ps, args.R, seed=1000)) for s in splits}
+
+
+def splits_of(args):
+    splits = [s for s in args.eval_splits.split(",") if s]
+    for s in splits:
+        if s not in ("dev", "test", "hard"):
+            raise D.DataError(f"--eval-splits: unknown split {s!r} (dev, test, hard)")
+    return splits
 
 
 # ---- evaluation ----
@@ -240,8 +263,8 @@ RUN_FILES = ("metrics.jsonl", "routes.jsonl", "eval.jsonl")  # a run folder's ow
 def fresh_run_folder(out: Path):
     """Empty the run folder for a new run; refuse a folder that is not one of ours."""
     if out.exists() and any(out.iterdir()):
-        if not ((out / "config.json").exists() or (out / "metrics.jsonl").exists()):
-            raise D.DataError(f"--out {out} exists and is not a run folder (no config.json or metrics.jsonl)")
+        if not any((out / f).exists() for f in ("config.json", "metrics.jsonl", "ablate.json")):
+            raise D.DataError(f"--out {out} exists and is not a run folder (no config.json, metrics.jsonl or ablate.json)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -702,15 +725,232 @@ def run_rl(args):
 def run_eval(args):
     if args.init is None:
         raise D.DataError("--stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)")
+    splits = splits_of(args)
     device = pick_device(args.device)
     model, tok = M.load_model(args.init, device), M.load_tokenizer(args.init)
-    sets = eval_sets(args, ["test", "hard"])
+    sets = eval_sets(args, splits)
     if not sets:
         raise D.DataError("--stage eval with --data needs --eval-data FILE (the problems to evaluate on)")
     out = Path(args.out or args.init)
     out.mkdir(parents=True, exist_ok=True)
     print(f"eval: {args.init} on {device}; appending to {out / 'eval.jsonl'}", flush=True)
     evaluate_and_log(model, tok, sets, args, out / "eval.jsonl", None, init=args.init)
+
+
+# ---- the ablation: python train.py --stage ablate ----
+# Every arm is a plain `train.py` command run as a subprocess (its log beside its folder), from the same
+# seed's distilled start with the same RL budget, then evaluated by `--stage eval`; the table is built
+# from the eval lines. The commands are the ones a user would type, so any row can be rerun alone.
+
+ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" distillation or None, rl flags or None)
+    "distill": ("distillation only (guided SFT, no RL)", "guided", None),
+    "rft": ("RFT: fine-tune on its own right answers, no routes", "guided", ["--algo", "rft", "--routes", "none", "--reward", "answer"]),
+    "grpo": ("GRPO without routes, answer reward", "guided", ["--routes", "none", "--reward", "answer"]),
+    "cot-synth": ("CoT-Synthesizer style: routes always, answer reward", "guided", ["--no-anneal", "--reward", "answer"]),
+    "mrpv": ("MRPV without EAAI: routes always, answer + verdict rewards", "guided", ["--no-anneal"]),
+    "eaai": ("EAAI without the verdict rewards: routes fade, answer reward", "guided", ["--reward", "answer"]),
+    "realm": ("ReaLM: MRPV + EAAI", "guided", []),
+    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", []),
+    "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, ["--init", "scratch"]),
+}
+QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
+# flags of the ablate command passed on to each stage's command when they differ from that stage's default
+DISTILL_FLAGS = ("budget", "R", "mrpv_share", "sft_eaai", "K", "neg_share", "batch_size", "micro_tokens", "device")
+RL_FLAGS = ("R", "K", "neg_share", "num_generations", "prompts_per_step", "temperature", "epsilon", "epsilon_high",
+            "beta", "loss_type", "scale_rewards", "mu", "num_minibatches", "w_verdict", "w_step", "w_format",
+            "verdict_gate", "eaai_shape", "eaai_hold", "eaai_decay", "eaai_partial", "batch_size", "micro_tokens",
+            "lr", "warmup", "weight_decay", "grad_clip", "grad_checkpointing", "compile", "max_new_tokens", "budget",
+            "device")
+EVAL_FLAGS = ("R", "K", "neg_share", "max_new_tokens", "eval_n", "eval_splits", "device")
+
+
+def flags_of(args, names, stage):
+    """The command-line flags that give `stage` the values of args.<name> that differ from its defaults."""
+    defaults = vars(get_args(["--stage", stage]))
+    flags = []
+    for name in names:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value == defaults[name]:
+            continue
+        if isinstance(value, bool):  # store_true flags default to False; BooleanOptional ones have --no-
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+class Run(NamedTuple):
+    key: tuple  # (arm, seed), or ("guided" / "unguided", seed) for a distillation
+    needs: tuple | None  # the distillation it starts from
+    folder: Path  # what it writes (an arm's eval.jsonl lands here)
+    cmds: list  # its train.py commands, run one after another
+
+
+def ablate_runs(args, out: Path, arms, seeds):
+    """Each seed's distillation(s), then each arm: rl from that start, then eval."""
+    py = [sys.executable, str(Path(__file__).resolve())]
+    distill_cmd = [*py, "--stage", "distill", "--eval-n", "0", "--steps", str(args.distill_steps),
+                   *flags_of(args, DISTILL_FLAGS, "distill")]
+    rl_cmd = [*py, "--stage", "rl", "--eval-n", "0", "--save-every", "0", "--steps", str(args.steps),
+              *flags_of(args, RL_FLAGS, "rl")]
+    eval_cmd = [*py, "--stage", "eval", *flags_of(args, EVAL_FLAGS, "eval")]
+    runs = []
+    for s in seeds:
+        start = {"guided": out / f"seed{s}" / "distill", "unguided": out / f"seed{s}" / "distill-unguided"}
+        for kind, folder in start.items():
+            if any(ARMS[a][1] == kind for a in arms):
+                unguided = ["--unguided"] if kind == "unguided" else []
+                runs.append(Run((kind, s), None, folder, [[*distill_cmd, "--seed", str(s), "--out", str(folder), *unguided]]))
+        for a in arms:
+            _, kind, rl_flags = ARMS[a]
+            folder = out / f"seed{s}" / a
+            cmds = [] if rl_flags is None else [[*rl_cmd, "--seed", str(s), "--init", str(start.get(kind)),
+                                                 "--out", str(folder), *rl_flags]]
+            cmds.append([*eval_cmd, "--init", str(start[kind] if rl_flags is None else folder), "--out", str(folder)])
+            runs.append(Run((a, s), kind and (kind, s), folder, cmds))
+    return runs
+
+
+def run_logged(run: Run, threads: int):
+    """Run a Run's commands one after another, their output to <folder>.log; (seconds, None or the error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = run.folder.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        for cmd in run.cmds:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+                lines = [x for x in log.read_text().replace("\r", "\n").splitlines() if x.strip()]
+                return time.time() - t0, f"{log}: {lines[-1] if lines else 'failed'}"
+    return time.time() - t0, None
+
+
+def run_ablate(args):
+    if args.data:
+        raise D.DataError("--stage ablate runs on the embedded domain (no --data)")
+    out = Path(args.out or "out/ablate")
+    saved = out / "ablate.json"
+    if args.resume:  # the saved command's flags; runs already finished (runs.jsonl) are skipped
+        if not saved.is_file():
+            raise D.DataError(f"--resume: {saved} not found")
+        args = argparse.Namespace(**{**vars(get_args(["--stage", "ablate"])), **json.loads(saved.read_text())["args"],
+                                     "resume": True, "jobs": args.jobs, "out": str(out)})
+    arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise D.DataError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    seeds = [args.seed + i for i in range(args.seeds or (1 if args.quick else 3))]
+    splits = splits_of(args)
+    jobs = args.jobs or (1 if pick_device(args.device).type == "cuda" else 2)
+    if not args.resume:
+        fresh_run_folder(out)
+        saved.write_text(json.dumps({"command": args.command, "args": vars(args)}, indent=1) + "\n")
+    done = out / "runs.jsonl"
+    finished = {tuple(json.loads(x)["key"]) for x in done.read_text().splitlines()} if done.is_file() else set()
+    pending = [r for r in ablate_runs(args, out, arms, seeds) if r.key not in finished]
+    print(f"ablate: arms {', '.join(arms)}; seeds {', '.join(map(str, seeds))}; {args.steps} rl steps of "
+          f"{args.prompts_per_step} prompts x {args.num_generations} samples each, from each seed's distillation "
+          f"({args.distill_steps} steps); eval on {', '.join(splits)}; {len(pending)} runs, {jobs} at a time; "
+          f"writing {out}/ (each run's output in its .log)", flush=True)
+    cores, failed, t0 = os.cpu_count() or 1, [], time.time()
+    bar = tqdm(total=len(pending), desc="ablate", dynamic_ncols=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        running = {}
+        while pending or running:
+            ready = [r for r in pending if r.needs is None or r.needs in finished]
+            for r in ready[:jobs - len(running)]:
+                threads = max(1, cores // min(jobs, len(ready) + len(running)))  # alone: every core
+                running[pool.submit(run_logged, r, threads)] = (r, threads)
+                pending.remove(r)
+            if not running:  # what is left waits on a run that failed
+                break
+            for fut in wait(running, return_when=FIRST_COMPLETED).done:
+                (r, threads), (seconds, error) = running.pop(fut), fut.result()
+                bar.update()
+                if error:
+                    failed.append(error)
+                    tqdm.write(f"failed: {error}")
+                    continue
+                finished.add(r.key)
+                if r.key[0] in ARMS:  # its results first: a run in runs.jsonl is never rerun by --resume
+                    for split, row in last_eval(r.folder).items():
+                        log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split,
+                            acc_autonomous=row["acc_autonomous"], acc_with_routes=row["acc_with_routes"])
+                log(done, key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
+                    commands=[" ".join(c) for c in r.cmds])
+                write_table(out, arms, seeds, splits, args)
+                name = r.key[0] if r.key[0] in ARMS else f"{r.key[0]} distillation"
+                tqdm.write(f"{name}, seed {r.key[1]}: done in {seconds / 60:.1f} min ({threads} threads)")
+    bar.close()
+    print(f"ablate: {time.time() - t0:.0f} s; wrote {out}/results.md and results.jsonl")
+    if failed or pending:
+        raise TrainingError(f"{len(failed)} run(s) failed and {len(pending)} did not start; first: {failed[0]} "
+                            f"(fix it, then: python train.py --stage ablate --out {out} --resume)")
+
+
+def last_eval(folder: Path):
+    """{split: the last eval line of that split} in a run folder's eval.jsonl."""
+    return {row["split"]: row for row in map(json.loads, (folder / "eval.jsonl").read_text().splitlines())}
+
+
+def mean_std(xs):
+    """'41.9 ± 1.2' in percent (sample std over seeds; none for one seed)."""
+    m = 100 * sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {100 * (sum((x - m / 100) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
+
+
+def write_table(out: Path, arms, seeds, splits, args):
+    """results.md: per arm and split, accuracy alone and with routes, mean ± std over the seeds done."""
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
+    rows = list({(r["arm"], r["seed"], r["split"]): r for r in rows}.values())  # a rerun's line replaces the older
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    acc = lambda arm, split, k: [r[k] for r in rows if r["arm"] == arm and r["split"] == split]
+    minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
+    saved = json.loads((out / "ablate.json").read_text())
+    machine = torch.cuda.get_device_name() if pick_device(args.device).type == "cuda" else cpu_name()
+    lines = ["# ReaLM ablation on the embedded domain", "",
+             f"`{saved['command']}`",
+             "", f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
+             f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
+             f"budget: {args.steps} RL steps of {args.prompts_per_step} prompts x {args.num_generations} samples.",
+             f"- Greedy accuracy (%) on {args.eval_n} problems a split, mean ± std over the seeds done "
+             f"(of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {args.K} "
+             f"teacher routes, right and wrong.",
+             f"- Machine: {machine}; torch {torch.__version__}; runs' times add up to "
+             f"{sum(r['minutes'] for r in runs):.0f} min.", "",
+             "| arm | what | seeds | " + " | ".join(f"{s} alone | {s} with routes" for s in splits) + " | min a run |",
+             "|---|---|---|" + "---|---|" * len(splits) + "---|"]
+    for a in arms:
+        n = len(acc(a, splits[0], "acc_autonomous"))
+        cells = [mean_std(acc(a, s, k)) if n else "" for s in splits for k in ("acc_autonomous", "acc_with_routes")]
+        lines.append(f"| {a} | {ARMS[a][0]} | {n} | " + " | ".join(cells) + f" | {mean_or_dash(minutes(a))} |")
+    mean = lambda a, k: 100 * sum(xs) / len(xs) if (xs := acc(a, splits[0], k)) else None
+    baselines = [a for a in ("rft", "grpo") if mean(a, "acc_autonomous") is not None]
+    if mean("realm", "acc_with_routes") is not None and mean("cot-synth", "acc_with_routes") is not None:
+        lines += ["", f"ReaLM minus CoT-Synthesizer style, {splits[0]} with routes: "
+                  f"{mean('realm', 'acc_with_routes') - mean('cot-synth', 'acc_with_routes'):+.1f} points (paper: +4.2)."]
+    if mean("realm", "acc_autonomous") is not None and baselines:
+        best = max(baselines, key=lambda a: mean(a, "acc_autonomous"))
+        lines += ["", f"ReaLM minus the better RL baseline ({best}), {splits[0]} alone: "
+                  f"{mean('realm', 'acc_autonomous') - mean(best, 'acc_autonomous'):+.1f} points (paper: +2.6)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def mean_or_dash(xs):
+    return f"{sum(xs) / len(xs):.1f}" if xs else "-"
+
+
+def cpu_name():
+    """'2 CPUs (Intel(R) Xeon(R) ...)' from /proc/cpuinfo where there is one."""
+    name = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        name = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                     if x.startswith("model name")), name)
+    return f"{os.cpu_count()} CPUs ({name})"
 
 
 # ---- the benchmark: python train.py --bench SHAPE ----
@@ -734,7 +974,7 @@ def report_bench(args):
 def main(argv=None):
     args = get_args(argv)
     try:
-        {"distill": run_distill, "rl": run_rl, "eval": run_eval}[args.stage](args)
+        {"distill": run_distill, "rl": run_rl, "eval": run_eval, "ablate": run_ablate}[args.stage](args)
         if args.bench:
             report_bench(args)
     except (D.DataError, M.CheckpointError, TrainingError) as e:
