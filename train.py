@@ -110,7 +110,7 @@ def get_args(argv=None):
                    help="as h decays, show only the first h share of each route's lines (--no-eaai-partial: whole routes, "
                         "fewer of them and on fewer prompts)")
     g = ap.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 for distill, 120 for rl)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 for distill, 120 for rl, 60 rl steps an arm for ablate)")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     g.add_argument("--micro-tokens", type=int, default=4096,
                    help="gradient accumulation: a step's batch, sorted by length, runs in micro-batches of at most this many padded tokens")
@@ -135,7 +135,7 @@ def get_args(argv=None):
     g = ap.add_argument_group("ablation (--stage ablate; the rl and distillation flags above apply to every arm)")
     g.add_argument("--arms", help=f"comma-separated arms (default: all; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
     g.add_argument("--seeds", type=int, default=None, help="seeds per arm, from --seed on (default 3; --quick: 1)")
-    g.add_argument("--quick", action="store_true", help="the key arms, one seed, 60 rl steps (unless given)")
+    g.add_argument("--quick", action="store_true", help="the key arms (unless --arms), one seed (unless --seeds)")
     g.add_argument("--distill-steps", type=int, default=600, help="steps of each seed's distillation")
     g.add_argument("--jobs", type=int, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
     args = ap.parse_args(argv)
@@ -148,7 +148,7 @@ def get_args(argv=None):
     if args.init is None:
         args.init = {"distill": "scratch", "rl": "out/distill"}.get(args.stage)
     if args.steps is None:
-        args.steps = {"rl": 120, "ablate": 60 if args.quick else 120}.get(args.stage, 600)
+        args.steps = {"rl": 120, "ablate": 60}.get(args.stage, 600)
     if args.lr is None:
         if args.stage in ("rl", "ablate"):
             args.lr = 1e-6 if args.data else 3e-5
@@ -742,7 +742,7 @@ def run_eval(args):
 # seed's distilled start with the same RL budget, then evaluated by `--stage eval`; the table is built
 # from the eval lines. The commands are the ones a user would type, so any row can be rerun alone.
 
-ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" distillation or None, rl flags or None)
+ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" distillation or None: scratch, rl flags or None: no rl)
     "distill": ("distillation only (guided SFT, no RL)", "guided", None),
     "rft": ("RFT: fine-tune on its own right answers, no routes", "guided", ["--algo", "rft", "--routes", "none", "--reward", "answer"]),
     "grpo": ("GRPO without routes, answer reward", "guided", ["--routes", "none", "--reward", "answer"]),
@@ -751,7 +751,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
     "eaai": ("EAAI without the verdict rewards: routes fade, answer reward", "guided", ["--reward", "answer"]),
     "realm": ("ReaLM: MRPV + EAAI", "guided", []),
     "unguided-realm": ("ReaLM from the unguided distillation", "unguided", []),
-    "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, ["--init", "scratch"]),
+    "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, []),
 }
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
 # flags of the ablate command passed on to each stage's command when they differ from that stage's default
@@ -804,8 +804,8 @@ def ablate_runs(args, out: Path, arms, seeds):
         for a in arms:
             _, kind, rl_flags = ARMS[a]
             folder = out / f"seed{s}" / a
-            cmds = [] if rl_flags is None else [[*rl_cmd, "--seed", str(s), "--init", str(start.get(kind)),
-                                                 "--out", str(folder), *rl_flags]]
+            init = str(start[kind]) if kind else "scratch"
+            cmds = [] if rl_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *rl_flags]]
             cmds.append([*eval_cmd, "--init", str(start[kind] if rl_flags is None else folder), "--out", str(folder)])
             runs.append(Run((a, s), kind and (kind, s), folder, cmds))
     return runs
