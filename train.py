@@ -884,6 +884,8 @@ def run_ablate(args):
                 name = r.key[0] if r.key[0] in ARMS else f"{r.key[0]} distillation"
                 tqdm.write(f"{name}, seed {r.key[1]}: done in {seconds / 60:.1f} min ({threads} threads)")
     bar.close()
+    if done.is_file():
+        write_table(out, arms, seeds, splits, args)
     print(f"ablate: {time.time() - t0:.0f} s; wrote {out}/results.md and results.jsonl")
     if failed or pending:
         raise TrainingError(f"{len(failed)} run(s) failed and {len(pending)} did not start; first: {failed[0]} "
@@ -895,48 +897,55 @@ def last_eval(folder: Path):
     return {row["split"]: row for row in map(json.loads, (folder / "eval.jsonl").read_text().splitlines())}
 
 
-def mean_std(xs):
-    """'41.9 ± 1.2' in percent (sample std over seeds; none for one seed)."""
-    m = 100 * sum(xs) / len(xs)
+def mean_std(xs, sign=""):
+    """'41.9 ± 1.2' in percent (sample std over seeds, none for one seed); sign="+": '+1.9 ± 0.4'."""
+    m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return f"{m:.1f}"
-    return f"{m:.1f} ± {100 * (sum((x - m / 100) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
+        return f"{100 * m:{sign}.1f}"
+    return f"{100 * m:{sign}.1f} ± {100 * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
 
 
 def write_table(out: Path, arms, seeds, splits, args):
-    """results.md: per arm and split, accuracy alone and with routes, mean ± std over the seeds done."""
+    """results.md: per arm and split, accuracy alone and with routes, mean ± std over the seeds done;
+    then each arm minus the distilled start of the same seed (paired, so the start's spread cancels)."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
-    rows = list({(r["arm"], r["seed"], r["split"]): r for r in rows}.values())  # a rerun's line replaces the older
+    acc = {(r["arm"], r["seed"], r["split"], k): r[k] for r in rows for k in ("acc_autonomous", "acc_with_routes")}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
-    acc = lambda arm, split, k: [r[k] for r in rows if r["arm"] == arm and r["split"] == split]
     minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
+    done = lambda a: [s for s in seeds if (a, s, splits[0], "acc_autonomous") in acc]
+    kinds = ("acc_autonomous", "acc_with_routes")
+
+    def diff(a, b, split, k):  # per seed that has both: a - b, in points
+        return [acc[a, s, split, k] - acc[b, s, split, k] for s in done(a) if s in done(b)]
+
     saved = json.loads((out / "ablate.json").read_text())
     machine = torch.cuda.get_device_name() if pick_device(args.device).type == "cuda" else cpu_name()
-    lines = ["# ReaLM ablation on the embedded domain", "",
-             f"`{saved['command']}`",
-             "", f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
+    head = " | ".join(f"{s} alone | {s} with routes" for s in splits)
+    lines = ["# ReaLM ablation on the embedded domain", "", f"`{saved['command']}`", "",
+             f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
              f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
              f"budget: {args.steps} RL steps of {args.prompts_per_step} prompts x {args.num_generations} samples.",
              f"- Greedy accuracy (%) on {args.eval_n} problems a split, mean ± std over the seeds done "
              f"(of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {args.K} "
              f"teacher routes, right and wrong.",
-             f"- Machine: {machine}; torch {torch.__version__}; runs' times add up to "
+             f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
              f"{sum(r['minutes'] for r in runs):.0f} min.", "",
-             "| arm | what | seeds | " + " | ".join(f"{s} alone | {s} with routes" for s in splits) + " | min a run |",
-             "|---|---|---|" + "---|---|" * len(splits) + "---|"]
+             f"| arm | what | seeds | {head} | min a run |", "|---|---|---|" + "---|---|" * len(splits) + "---|"]
     for a in arms:
-        n = len(acc(a, splits[0], "acc_autonomous"))
-        cells = [mean_std(acc(a, s, k)) if n else "" for s in splits for k in ("acc_autonomous", "acc_with_routes")]
-        lines.append(f"| {a} | {ARMS[a][0]} | {n} | " + " | ".join(cells) + f" | {mean_or_dash(minutes(a))} |")
-    mean = lambda a, k: 100 * sum(xs) / len(xs) if (xs := acc(a, splits[0], k)) else None
-    baselines = [a for a in ("rft", "grpo") if mean(a, "acc_autonomous") is not None]
-    if mean("realm", "acc_with_routes") is not None and mean("cot-synth", "acc_with_routes") is not None:
-        lines += ["", f"ReaLM minus CoT-Synthesizer style, {splits[0]} with routes: "
-                  f"{mean('realm', 'acc_with_routes') - mean('cot-synth', 'acc_with_routes'):+.1f} points (paper: +4.2)."]
-    if mean("realm", "acc_autonomous") is not None and baselines:
-        best = max(baselines, key=lambda a: mean(a, "acc_autonomous"))
-        lines += ["", f"ReaLM minus the better RL baseline ({best}), {splits[0]} alone: "
-                  f"{mean('realm', 'acc_autonomous') - mean(best, 'acc_autonomous'):+.1f} points (paper: +2.6)."]
+        cells = [mean_std([acc[a, s, sp, k] for s in done(a)]) if done(a) else "" for sp in splits for k in kinds]
+        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {mean_or_dash(minutes(a))} |")
+    if "distill" in arms:
+        lines += ["", "Each arm minus the distilled start of the same seed (points, mean ± std over seeds):", "",
+                  f"| arm | {head} |", "|---|" + "---|---|" * len(splits)]
+        for a in arms:
+            if a != "distill" and diff(a, "distill", splits[0], kinds[0]):
+                lines.append(f"| {a} | " + " | ".join(mean_std(diff(a, "distill", sp, k), "+") for sp in splits for k in kinds) + " |")
+    for a, b, k, paper in (("realm", "cot-synth", "acc_with_routes", "+4.2"), ("realm", "grpo", "acc_autonomous", "+2.6"),
+                           ("realm", "rft", "acc_autonomous", "+2.6")):
+        if diff(a, b, splits[0], k):
+            lines += ["", f"{a} minus {b}, {splits[0]} {'with routes' if k == 'acc_with_routes' else 'alone'}: "
+                      f"{mean_std(diff(a, b, splits[0], k), '+')} points (paired over {len(diff(a, b, splits[0], k))} "
+                      f"seed(s); the paper: {paper})."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
