@@ -38,6 +38,8 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
         assert (r["acc_autonomous"], r["acc_with_routes"]) == (ev["acc_autonomous"], ev["acc_with_routes"])
     table = (out / "results.md").read_text()
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
+    acc = {(r["arm"], r["split"]): r["acc_autonomous"] for r in results}  # the paired row: grpo minus its start
+    assert f"| grpo | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} |" in table
     assert len(lines(out / "seed0" / "grpo" / "metrics.jsonl")) == 2  # 2 rl steps, no in-loop eval
 
     # drop grpo's lines as if the command had been stopped during it: --resume reruns grpo, nothing else
