@@ -66,7 +66,8 @@ def get_args(argv=None):
     g.add_argument("--stage", choices=["distill", "rl", "eval", "ablate"], help="what to run (required unless --bench)")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, routes and initialisation")
-    g.add_argument("--resume", action="store_true", help="rl: continue the run in --out from its trainer_state.pt, with its flags")
+    g.add_argument("--resume", action="store_true", help="rl: continue the run in --out from its trainer_state.pt, with its flags; "
+                   "ablate: run what --out's runs.jsonl lacks, with its flags")
     g.add_argument("--save-every", type=int, default=50, help="rl: save a checkpoint every k steps (0: only at the end)")
     g.add_argument("--max-bad-steps", type=int, default=3, help="rl: stop after this many non-finite steps in a row")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
