@@ -290,11 +290,12 @@ def run_bench(args, device):
     }
     if args.model:
         runs = {args.model.rstrip("/").split("/")[-1]: (lambda: M.load_model(args.model, device), (1, 32), (128, 512))}
-    unknown = set(args.only.split(",")) - set(runs) if args.only and not args.model else set()
+    only = set(args.only.split(",")) if args.only else set()
+    unknown = only - set(runs) if not args.model else set()
     if unknown:
         raise ValueError(f"--only: no default model {', '.join(sorted(unknown))} (models: {', '.join(runs)})")
     for name, (build, batches, new_tokens) in runs.items():
-        if (args.only and name not in args.only.split(",")) or (not args.only and name == "qwen2.5-1.5b"):
+        if (only and name not in only) or (not only and name == "qwen2.5-1.5b"):
             continue
         torch.manual_seed(0)
         bench(build(), name, args.batches or batches, args.new_tokens or new_tokens, args.prompt_len, args.naive_max,

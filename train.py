@@ -514,8 +514,12 @@ def rl_resume(args, out: Path):
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("stage") != "rl":
         raise D.DataError(f"--resume: {path} is from the {state.get('stage')} stage, not rl")
-    defaults = vars(get_args(["--stage", "rl"]))  # flags added since the run was saved take their defaults
-    return state, argparse.Namespace(**{**defaults, **state["args"], "resume": True, "device": args.device, "out": str(out)})
+    return state, saved_args("rl", state["args"], device=args.device, out=str(out))
+
+
+def saved_args(stage, saved: dict, **now):
+    """A saved run's flags for --resume; flags added since it was saved take their defaults."""
+    return argparse.Namespace(**{**vars(get_args(["--stage", stage])), **saved, "resume": True, **now})
 
 
 def rl_prompts(step, problems, banks, annealer, rng, args):
@@ -840,8 +844,7 @@ def run_ablate(args):
     if args.resume:  # the saved command's flags; runs already finished (runs.jsonl) are skipped
         if not saved.is_file():
             raise D.DataError(f"--resume: {saved} not found")
-        args = argparse.Namespace(**{**vars(get_args(["--stage", "ablate"])), **json.loads(saved.read_text())["args"],
-                                     "resume": True, "jobs": args.jobs, "out": str(out)})
+        args = saved_args("ablate", json.loads(saved.read_text())["args"], jobs=args.jobs, out=str(out))
     arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
