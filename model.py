@@ -509,7 +509,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` with the ids the sampler needs and a chat formatter without jinja.
 
     chat_format: "chatml" (Qwen, SmolLM2: <|im_start|>role\\n...<|im_end|>), "llama3" (header tokens),
-    or None (base models: plain text). It is read off the chat template's special tokens.
+    or None (base models: plain text). It is read off the chat template's special tokens, and the
+    default system prompt off the template's text (chatml_system); no jinja is run.
     """
 
     def __init__(self, tok: HFTokenizer, eos_ids, pad_id, chat_format=None, system=None, files=None):
@@ -529,23 +530,27 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def chat(self, prompt: str, system: str | None = None) -> str:
-        """One user turn in the checkpoint's chat format, ending where the assistant's reply begins.
-        Encode the result with special=False: the text already holds its special tokens."""
-        system = system if system is not None else self.system
+        """One user turn in the checkpoint's chat format, ending where the assistant's reply begins:
+        what transformers' apply_chat_template renders for [system?, user] with add_generation_prompt.
+        system=None: the template's default system prompt; "": none. Encode the result with
+        special=False: the text already holds its special tokens."""
         if self.chat_format == "chatml":
+            system = system if system is not None else self.system
             head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
             return f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
+        if self.chat_format == "llama3":  # the template trims each message; 3.1+ always writes its dated system block
             h = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+            system = (self.system or "") + (system or "").strip()
             head = f"{h('system')}{system}<|eot_id|>" if system else ""
-            return f"<|begin_of_text|>{head}{h('user')}{prompt}<|eot_id|>{h('assistant')}"
+            return f"<|begin_of_text|>{head}{h('user')}{prompt.strip()}<|eot_id|>{h('assistant')}"
         return prompt
 
     def save(self, path):
+        """tokenizer.json and the files it was loaded with (tokenizer_config.json, chat_template.jinja, ...)."""
         path = Path(path)
         self.tok.save(str(path / "tokenizer.json"))
         for name, d in self.files.items():
-            (path / name).write_text(json.dumps(d, indent=2) + "\n")
+            (path / name).write_text(d if isinstance(d, str) else json.dumps(d, indent=2) + "\n")
 
 
 def _token_id(tok: HFTokenizer, t):
@@ -567,6 +572,8 @@ def load_tokenizer(path) -> Tokenizer:
         raise CheckpointError(f"{file}: cannot be read by tokenizers ({e})") from None
     files = {n: read_json(path / n) for n in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
              if (path / n).is_file()}
+    if (path / "chat_template.jinja").is_file():  # transformers 5 writes the template on its own
+        files["chat_template.jinja"] = (path / "chat_template.jinja").read_text()
     tcfg, gen = files.get("tokenizer_config.json", {}), files.get("generation_config.json", {})
     mcfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
 
@@ -579,19 +586,25 @@ def load_tokenizer(path) -> Tokenizer:
     pad = pad if pad is not None else mcfg.get("pad_token_id")
     pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
 
-    template = tcfg.get("chat_template") or ""
-    if (path / "chat_template.jinja").is_file():  # transformers 5 writes the template on its own
-        template = (path / "chat_template.jinja").read_text()
+    template = files.get("chat_template.jinja") or tcfg.get("chat_template") or ""
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
     fmt, system = None, None
     if "<|im_start|>" in template:
-        fmt = "chatml"
-        m = re.search(r"<\|im_start\|>system\\n(.+?)<\|im_end\|>", template)  # the default system prompt
-        system = m.group(1) if m else None
+        fmt, system = "chatml", chatml_system(template)
     elif "<|start_header_id|>" in template:
         fmt, system = "llama3", (LLAMA3_SYSTEM if "Cutting Knowledge Date" in template else None)
     return Tokenizer(tok, eos, pad, fmt, system, files)
+
+
+def chatml_system(template: str) -> str | None:
+    """The default system prompt of a ChatML template: the text of a string literal in it that reads
+    '<|im_start|>system' newline ... '<|im_end|>', its newlines written as \\n (Qwen2.5's template
+    in JSON) or as real newlines (SmolLM2's). A literal that stops before <|im_end|> (the branch that
+    writes the caller's system message: '...system\\n' + messages[0]['content'] + ...) is no default."""
+    m = re.search(r"""'<\|im_start\|>system(?:\\n|\n)([^']*?)<\|im_end\|>|"<\|im_start\|>system(?:\\n|\n)([^"]*?)<\|im_end\|>""",
+                  template)
+    return (m.group(1) if m.group(1) is not None else m.group(2)).replace("\\n", "\n") if m else None
 
 
 # ---- the tiny default model ----
