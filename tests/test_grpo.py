@@ -1,11 +1,12 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import model as M
+from grpo import group_advantages, grpo_loss, sequence_logprobs
 from rollout import generate
-from train import group_advantages, grpo_loss, sequence_logprobs
 
 
 def test_group_advantages():
@@ -242,11 +243,12 @@ def test_reference_model_rft_and_minibatches(distilled, tmp_path, monkeypatch):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(distilled, tmp_path, monkeypatch):
+    import grpo
     import mrpv
     import train
 
     monkeypatch.setattr(mrpv, "reward", varied_reward)
-    real = train.grpo_loss
+    real = grpo.grpo_loss
     steps = []
 
     def nan_after_step_2(*a, **k):
@@ -254,7 +256,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(distilled, tmp_path, mon
         return (loss * float("nan") if len(steps) > 2 else loss), stats
 
     monkeypatch.setattr(train, "generate", (lambda g: lambda *a, **k: steps.append(1) or g(*a, **k))(train.generate))
-    monkeypatch.setattr(train, "grpo_loss", nan_after_step_2)
+    monkeypatch.setattr(grpo, "grpo_loss", nan_after_step_2)
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "nan"), "--steps", "9",
                     "--save-every", "1"] + RL_FLAGS[2:10])
@@ -262,13 +264,16 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(distilled, tmp_path, mon
     assert "holds the last good checkpoint (step 2)" in str(e.value.code)
     rows = [r for r in rl_rows(tmp_path / "nan") if "stage" in r]
     assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 1, 1]
+    assert [r["loss"] is None for r in rows] == [False, False, True, True, True]  # strict JSON: null, not NaN
+    json.loads("[" + ",".join((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) + "]",
+               parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
     assert all(torch.isfinite(v).all() for v in params(tmp_path / "nan").values())
 
 
 def test_bench_times_each_phase(tmp_path, capsys):
-    import train
+    import bench
 
-    train.main(["--bench", "tiny", "--steps", "2", "--prompts-per-step", "2", "--num-generations", "2",
+    bench.main(["tiny", "--steps", "2", "--prompts-per-step", "2", "--num-generations", "2",
                 "--max-new-tokens", "6", "--out", str(tmp_path / "bench"), "--grad-checkpointing"])
     out = capsys.readouterr().out
     for phase in ("rollout", "reward", "backward", "optimizer", "peak memory"):

@@ -1,0 +1,225 @@
+"""The RL objective: GRPO (group-relative policy optimisation) with an explicit PPO-clip loss.
+
+One RL step, for G prompts with n samples each (TRL's names in brackets):
+
+    1. sample      o_1..o_n ~ pi_old(. | q) for each prompt q   [num_generations = n]; keep
+                   log pi_old(o_i,t | q, o_i,<t) per token (rollout.generate returns them)
+    2. reward      r_i = mrpv.reward(o_i, ...).total                  (mrpv.py)
+    3. advantage   A_i = (r_i - mean_j r_j) / (std_j r_j + eps)   over the n samples of q's group
+                   [scale_rewards; without the std: Dr. GRPO]. Every token of o_i shares A_i.
+    4. ratio       rho_i,t = exp(log pi(o_i,t) - log pi_old(o_i,t)), from a training forward over
+                   prompt + completion, log_softmax(logits / temperature) (the sampler's quantity)
+    5. loss        l_i,t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+                           + beta * (exp(d) - d - 1),  d = log pi_ref - log pi   (k3 KL, >= 0)
+                   [epsilon, epsilon_high, beta]
+    6. aggregate   "token":    L = sum_i,t l_i,t / sum_i |o_i|     (every completion token of the batch)
+                   "sequence": L = mean_i (sum_t l_i,t / |o_i|)    (each sequence's mean, then the mean)
+                   [loss_type: TRL's "dapo" / "grpo"]
+    7. update      --mu epochs [num_iterations] over the batch, each --num-minibatches optimizer
+                   steps, each a gradient accumulated over micro-batches; a step whose loss or
+                   gradient is not finite is skipped.
+
+On-policy (mu = 1, one minibatch) rho = 1 at every token, so the gradient is REINFORCE with the
+group baseline: grad L = -sum A_i grad log pi(o_i,t) / N (tests/test_grpo.py checks it).
+
+Choices that are ours:
+1. Minibatch m holds the groups g with g % num_minibatches == m, the same split each epoch.
+2. Micro-batches are cut by padded tokens (`micro_batches`), after sorting by length; each micro-batch's
+   loss is weighted by its share of the minibatch's tokens (or sequences), so the accumulated gradient
+   is that of the whole minibatch's mean whatever the cut.
+3. Under torchrun each process holds whole groups; gradients are summed over processes (one all-reduce
+   per tensor, not overlapped with the backward) after each process scaled its loss by its share of
+   the global minibatch.
+4. Parameters stay in float32; on CUDA the forward runs under bfloat16 autocast.
+"""
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+# ---- 3. advantages ----
+
+def group_advantages(rewards, n, scale=True, eps=1e-4):
+    """rewards (G * n,), the n samples of each prompt adjacent -> advantages (G * n,).
+    A group whose rewards are all equal gets A = 0: no policy gradient."""
+    r = rewards.view(-1, n)  # (G, n)
+    a = r - r.mean(dim=1, keepdim=True)  # (G, n)
+    if scale:
+        a = a / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
+    return a.flatten()  # (G * n,)
+
+
+# ---- 4. the training forward's log-probs ----
+
+def sequence_logprobs(model, prompts, completions, pad_id, temperature=1.0):
+    """Log-probs of each completion token under log_softmax(logits / T), from one forward over
+    prompt + completion: prompts left-padded as in rollout.generate, completions right-padded.
+    Returns logp (N, L) and mask (N, L) (1.0 on real completion tokens)."""
+    device = model.lm_head.weight.device
+    N, P, L = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
+    tokens = torch.full((N, P + L), pad_id, dtype=torch.long)  # (N, P + L)
+    valid = torch.zeros(N, P + L, dtype=torch.bool)  # (N, P + L)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        valid[i, P - len(p):P + len(c)] = True
+    tokens, valid = tokens.to(device), valid.to(device)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)  # (N, P + L): the positions rollout.generate gave these tokens
+    logits = model(tokens, pos=pos, valid=valid)[:, P - 1:P + L - 1]  # (N, L, V): position t predicts t + 1
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[:, P:, None])[..., 0]  # (N, L)
+    return logp, valid[:, P:].float()
+
+
+# ---- 5-6. the loss ----
+
+def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, ref_logp=None, loss_type="token"):
+    """The PPO-clip surrogate with group-relative advantages. logp, old_logp, ref_logp, mask: (N, L);
+    adv: (N,). Returns the loss to minimise and a dict of statistics."""
+    ratio = torch.exp(logp - old_logp)  # (N, L); exactly 1 at the first epoch on-policy
+    A = adv[:, None]  # (N, 1): every token of a sample shares its advantage
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (N, L), sign: minimise
+    kl = torch.zeros_like(logp)  # (N, L)
+    if beta > 0:
+        d = ref_logp - logp  # (N, L)
+        kl = torch.exp(d) - d - 1  # (N, L): k3 estimator of KL(policy || reference), >= 0 per token
+        per_token = per_token + beta * kl
+    if loss_type == "token":  # mean over every completion token of the batch
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "sequence":  # mean over each sequence's tokens, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not 'token' or 'sequence'")
+    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip cuts the gradient
+    n = mask.sum().clamp(min=1)
+    stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl.detach() * mask).sum() / n)}
+    return loss, stats
+
+
+# ---- 7. the policy update (and torchrun: one process per device, whole groups each) ----
+
+def micro_batches(batch, max_tokens):
+    """Sort examples (prompt, completion, ...) by length and cut them into micro-batches of at most
+    max_tokens padded tokens (at least one example each): short examples are not padded to long ones."""
+    batch = sorted(batch, key=lambda e: len(e[0]) + len(e[1]))
+    micro = []
+    for e in batch:
+        if micro and (len(micro) + 1) * (len(e[0]) + len(e[1])) > max_tokens:
+            yield micro
+            micro = []
+        micro.append(e)
+    yield micro
+
+
+def autocast_for(device):
+    """bfloat16 autocast on CUDA; plain float32 elsewhere (choice 4)."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def clock(device):
+    """Wall-clock seconds, after the device's queued work (phase timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def dist_setup(device):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA with
+    one GPU per process, gloo on CPU. A plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def gather(xs, world):
+    """Concatenate a list held by each process, in rank order (metrics only)."""
+    if world == 1:
+        return xs
+    parts = [None] * world
+    dist.all_gather_object(parts, xs)
+    return [x for part in parts for x in part]
+
+
+def sum_floats(xs, world, device):
+    """Sum a list of floats over the torchrun processes."""
+    if world == 1:
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_grads(model, world):
+    """Sum every parameter's gradient over the processes (choice 3): each process's loss is already its
+    share of the whole minibatch's mean, so the sum is the gradient one process would get from it all."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def minibatch_loss(model, ref, part, n, args, pad_id):
+    """Forward and backward over one minibatch in micro-batches; each micro-batch's loss weighted by its
+    share of the minibatch's n tokens (or sequences) summed over processes (choice 2).
+    Returns the summed (loss, clip_frac, kl) of this process's share."""
+    device = model.lm_head.weight.device
+    autocast = autocast_for(device)
+    loss_sum = clip_sum = kl_sum = 0.0
+    for micro in micro_batches(part, args.micro_tokens):
+        prompts, completions = [e[0] for e in micro], [e[1] for e in micro]
+        with autocast:
+            logp, mask = sequence_logprobs(model, prompts, completions, pad_id, args.temperature)  # (m, L)
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad(), autocast:
+                ref_logp, _ = sequence_logprobs(ref, prompts, completions, pad_id, args.temperature)  # (m, L)
+        old = torch.zeros_like(logp)  # (m, L): the sampler's log-probs, right-padded
+        for k, e in enumerate(micro):
+            old[k, :len(e[2])] = torch.tensor(e[2], device=device)
+        adv = torch.tensor([e[3] for e in micro], device=device)  # (m,)
+        loss, st = grpo_loss(logp, old, adv, mask, args.epsilon, args.epsilon_high, args.beta, ref_logp, args.loss_type)
+        share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n  # this micro-batch's part of the mean
+        (loss * share).backward()
+        loss_sum += loss.item() * share
+        clip_sum += st["clip_frac"] * share
+        kl_sum += st["kl"] * share
+    return loss_sum, clip_sum, kl_sum
+
+
+def policy_update(model, ref, opt, batch, args, world, pad_id):
+    """The PPO-clip update over one step's samples. batch: (prompt, completion, old log-probs, advantage,
+    group) per sample of this process; ref: the frozen reference model or None (beta = 0).
+    Returns (mean loss, stats, optimizer steps skipped as not finite)."""
+    device = model.lm_head.weight.device
+    M = args.num_minibatches
+    losses, clip, kl, bad, t_opt = [], [], [], 0, 0.0
+    for _ in range(args.mu):
+        for m in range(M):
+            part = [e for e in batch if e[4] % M == m]  # choice 1
+            # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over processes
+            n_local = sum(len(e[1]) for e in part) if args.loss_type == "token" else len(part)
+            n = sum_floats([n_local], world, device)[0]
+            if n == 0:
+                continue  # nothing to learn from (RFT with no right sample)
+            loss_sum, clip_sum, kl_sum = minibatch_loss(model, ref, part, n, args, pad_id) if part else (0.0, 0.0, 0.0)
+            t = clock(device)
+            sum_grads(model, world)
+            loss_sum, clip_sum, kl_sum = sum_floats([loss_sum, clip_sum, kl_sum], world, device)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # the same verdict on every process
+                bad += 1
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            t_opt += clock(device) - t
+            losses.append(loss_sum), clip.append(clip_sum), kl.append(kl_sum)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    return mean(losses), {"clip_frac": mean(clip), "kl": mean(kl), "time_optimizer": t_opt}, bad
