@@ -49,6 +49,19 @@ def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool =
     return [D.teacher_route(problem)] * R + negatives
 
 
+def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True):
+    """n problems of the embedded domain's split and the embedded teacher's route bank for each."""
+    problems = D.split(split, n, seed)
+    rng = random.Random(f"routes-{bank_seed}")
+    return problems, [embedded_bank(p, R, rng, guided) for p in problems]
+
+
+def jsonl_set(path):
+    """The problems of a JSONL file and the routes each carries."""
+    problems = D.load_jsonl(path)
+    return problems, [p.routes for p in problems]
+
+
 def encode_prompt(tok, text: str) -> list[int]:
     """Prompt ids: wrapped in the checkpoint's chat format when its tokenizer has one (instruct
     models), plain text otherwise (base models, the embedded domain)."""
@@ -116,6 +129,22 @@ def sft_batch(examples, pad_id, device):
         x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
         y[i, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t + 1
     return x.to(device), y.to(device)
+
+
+def sft_step(model, batch, pad_id, micro_tokens, autocast):
+    """Forward and backward of one SFT batch in micro-batches of at most micro_tokens padded tokens (gradient
+    accumulation; micro_batches from grpo.py); the loss is the mean over the whole batch's response tokens."""
+    from grpo import micro_batches
+
+    n_tokens = sum(len(r) for _, r in batch)
+    loss_sum = 0.0
+    for micro in micro_batches(batch, micro_tokens):
+        x, y = sft_batch(micro, pad_id, model.lm_head.weight.device)
+        with autocast:
+            loss = sft_loss(model, x, y, n_tokens)
+        loss.backward()
+        loss_sum += loss.item()
+    return loss_sum
 
 
 def sft_loss(model, x, y, n_tokens=None):

@@ -6,6 +6,7 @@ import torch
 
 import distill
 import domain as D
+import grpo
 import model as M
 import mrpv
 import train
@@ -45,27 +46,25 @@ def test_changing_the_prompt_changes_no_loss_term():
 
 
 def test_route_bank_round_trips_through_jsonl(tmp_path):
-    problems = D.split("train", 30)
-    banks = train.embedded_banks(problems, R=3, seed=0)
+    problems, banks = distill.embedded_set("train", 30, R=3)
     assert all(sum(r.correct for r in b) == 3 and sum(not r.correct for r in b) == 3 for b in banks)
     D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
     back = D.load_jsonl(tmp_path / "bank.jsonl")
     assert [b.routes for b in back] == banks and [b.answer for b in back] == [p.answer for p in problems]
-    unguided = train.embedded_banks(problems, R=3, seed=0, guided=False)
+    unguided = distill.embedded_set("train", 30, R=3, guided=False)[1]
     assert distill.teacher_accuracy(banks) == 1.0 and distill.teacher_accuracy(unguided) < 0.5
 
 
 def test_micro_batches_sort_and_respect_the_token_budget():
     batch = [([1] * n, [2] * 3) for n in (50, 2, 30, 7, 90, 1)]
-    micro = list(train.micro_batches(batch, 100))
+    micro = list(grpo.micro_batches(batch, 100))
     assert [[len(p) for p, _ in m] for m in micro] == [[1, 2, 7], [30], [50], [90]]
     assert sum(len(m) for m in micro) == len(batch)
 
 
 def test_sft_examples_mix_both_formats():
     tok = D.tokenizer()
-    problems = D.split("train", 200)
-    banks = train.embedded_banks(problems, 3, 0)
+    problems, banks = distill.embedded_set("train", 200, 3)
     ex = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0))
     route_prompts = [e for e in ex if "Route 1 :" in tok.decode(e[0])]
     assert len(ex) == 200 and 60 < len(route_prompts) < 140
@@ -144,8 +143,7 @@ def test_distill_from_a_checkpoint_on_jsonl_data(tmp_path):
     torch.manual_seed(0)
     cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=512)
     M.save_model(M.Transformer(cfg), tmp_path / "student", tok)
-    problems = D.split("train", 20)
-    banks = train.embedded_banks(problems, 2, 0)
+    problems, banks = distill.embedded_set("train", 20, 2)
     D.save_jsonl([D.Problem(p.question, p.answer, None, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
     train.main(["--stage", "distill", "--init", str(tmp_path / "student"), "--data", str(tmp_path / "bank.jsonl"),
                 "--eval-data", str(tmp_path / "bank.jsonl"), "--steps", "3", "--batch-size", "4",
