@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$log"
 run 120 $py rollout.py --bench --only qwen2.5-0.5b,qwen2.5-1.5b --batches 64 --new-tokens 256 --prompt-len 64
 run 90 $py model.py --bench
-run 90 $py train.py --bench qwen2.5-0.5b
-run 90 $py train.py --bench qwen2.5-1.5b
+run 90 $py bench.py qwen2.5-0.5b
+run 90 $py bench.py qwen2.5-1.5b
 run 200 $py rollout.py --bench --only qwen2.5-0.5b,qwen2.5-1.5b --batches 64 --new-tokens 256 --prompt-len 64 --compile
-run 150 $py train.py --bench qwen2.5-0.5b --compile
+run 150 $py bench.py qwen2.5-0.5b --compile

@@ -1,9 +1,11 @@
-"""train.py --stage ablate: arms from one distilled start, results from their evals, resume, failures."""
+"""ablate.py (and train.py --stage ablate): arms from one distilled start, flags passed through, results
+from their evals, resume, failures."""
 
 import json
 
 import pytest
 
+import ablate
 import train
 
 TINY = ["--budget", "30", "--distill-steps", "3", "--batch-size", "4", "--steps", "2", "--prompts-per-step", "2",
@@ -14,11 +16,34 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_flags_of_passes_on_what_differs_from_the_stage_default():
-    args = train.get_args(["--stage", "ablate", "--lr", "1e-4", "--no-eaai-partial", "--verdict-gate", "--K", "2"])
-    assert train.flags_of(args, train.RL_FLAGS, "rl") == ["--K", "2", "--verdict-gate", "--no-eaai-partial", "--lr", "0.0001"]
-    assert train.flags_of(train.get_args(["--stage", "ablate"]), train.RL_FLAGS, "rl") == []  # ablate's rl defaults are rl's
-    assert train.flags_of(args, train.DISTILL_FLAGS, "distill") == ["--K", "2"]
+def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
+    """No list of flags is kept by hand: a flag train.py gains reaches every arm's rl and eval commands as
+    written; the distillation gets the flags outside train.py's rl and optimization groups."""
+    real = train.parser
+
+    def with_a_new_flag(*a, **k):
+        ap = real(*a, **k)
+        rl = next(g for g in ap._action_groups if g.title == "rl")
+        rl.add_argument("--new-rl-flag", type=float, default=0.0)
+        return ap
+
+    monkeypatch.setattr(train, "parser", with_a_new_flag)
+    argv = ["--arms", "distill,grpo,realm", "--seeds", "2", "--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"]
+    args, rest, rl = ablate.get_args(argv)
+    assert rest == ["--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"] and rl.new_rl_flag == 0.25 and rl.steps == 60
+    runs = ablate.runs_of(args, rest, tmp_path)
+    assert [r.key for r in runs] == [("guided", 0), ("distill", 0), ("grpo", 0), ("realm", 0),
+                                     ("guided", 1), ("distill", 1), ("grpo", 1), ("realm", 1)]
+    for r in runs:
+        for cmd in r.cmds:
+            text = " ".join(cmd)
+            if "--stage distill" in text:  # the data's flags, not the arms' RL settings
+                assert "--K 2" in text and "--new-rl-flag" not in text and "--lr" not in text
+            else:
+                assert "--new-rl-flag 0.25 --K 2 --lr 1e-4" in text
+    grpo_rl = " ".join(runs[2].cmds[0])
+    assert grpo_rl.endswith("--routes none --reward answer") and "--steps 60" in grpo_rl  # the arm's flags last
+    assert ablate.get_args(argv + ["--steps", "7"])[2].steps == 7  # the budget is any rl flag too
 
 
 def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
@@ -27,15 +52,15 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     runs = lines(out / "runs.jsonl")
     assert [r["key"] for r in runs][0] == ["guided", 0] and sorted(r["key"][0] for r in runs) == ["distill", "grpo", "guided"]
     grpo = next(r for r in runs if r["key"][0] == "grpo")["commands"]
-    # the arm's own flags and the ablate command's non-default ones, from the seed's distilled start
+    # the arm's own flags and the ablate command's other flags, from the seed's distilled start
     assert f"--init {out / 'seed0' / 'distill'}" in grpo[0] and "--routes none --reward answer" in grpo[0]
-    assert "--lr 0.0001" in grpo[0] and "--no-eaai-partial" in grpo[0] and "--steps 2" in grpo[0]
+    assert "--lr 1e-4" in grpo[0] and "--no-eaai-partial" in grpo[0] and "--steps 2" in grpo[0]
     assert "--stage eval" in grpo[1] and "--eval-n 4" in grpo[1]
     results = lines(out / "results.jsonl")
     assert {(r["arm"], r["split"]) for r in results} == {(a, s) for a in ("distill", "grpo") for s in ("test", "hard")}
     for r in results:  # the table's numbers are the arm's own eval lines
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
-        assert (r["acc_autonomous"], r["acc_with_routes"]) == (ev["acc_autonomous"], ev["acc_with_routes"])
+        assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
     table = (out / "results.md").read_text()
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
     acc = {(r["arm"], r["split"]): r["acc_autonomous"] for r in results}  # the paired row: grpo minus its start
@@ -44,7 +69,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
 
     # drop grpo's lines as if the command had been stopped during it: --resume reruns grpo, nothing else
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs if r["key"][0] != "grpo"))
-    train.main(["--stage", "ablate", "--out", str(out), "--resume"])
+    ablate.main(["--out", str(out), "--resume"])
     assert sorted(r["key"][0] for r in lines(out / "runs.jsonl")) == ["distill", "grpo", "guided"]
     assert (out / "seed0" / "distill.log").read_text().count("--stage distill") == 1  # not distilled again
     assert (out / "seed0" / "grpo.log").read_text().count("--stage rl") == 2
@@ -54,15 +79,18 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
 def test_ablate_bad_input_and_a_failing_run(tmp_path):
     def fails(*argv):
         with pytest.raises(SystemExit) as e:
-            train.main(list(argv))
+            ablate.main(list(argv))
         return str(e.value.code)
 
-    assert fails("--stage", "ablate", "--arms", "grpo,nope", "--out", str(tmp_path / "a")) == \
-        f"error: --arms: unknown arm(s) nope (known: {', '.join(train.ARMS)})"
-    assert fails("--stage", "eval", "--init", "x", "--eval-splits", "test,train") == \
-        "error: --eval-splits: unknown split 'train' (dev, test, hard)"
-    assert fails("--stage", "ablate", "--out", str(tmp_path / "b"), "--resume") == f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
+    assert fails("--arms", "grpo,nope", "--out", str(tmp_path / "a")) == \
+        f"error: --arms: unknown arm(s) nope (known: {', '.join(ablate.ARMS)})"
+    assert fails("--eval-splits", "test,train") == "error: --eval-splits: unknown split 'train' (dev, test, hard)"
+    assert fails("--seeds", "0") == "error: argument --seeds: must be >= 1 (got 0)"
+    assert fails("--temperature", "-1") == "error: argument --temperature: must be > 0 (got -1)"  # a train.py flag
+    assert fails("--no-such-flag") == "error: unrecognized arguments: --no-such-flag"
+    assert fails("--init", "x") == "error: --init: the ablation sets it for each run (it runs on the embedded domain)"
+    assert fails("--out", str(tmp_path / "b"), "--resume") == f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
     # a distillation that fails (a budget of 0 problems): its arms never start, the error names its log
-    msg = fails("--stage", "ablate", "--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
+    msg = fails("--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
     assert msg.startswith("error: 1 run(s) failed and 1 did not start; first: ") and "no SFT example" in msg
     assert str(tmp_path / "c" / "seed0" / "distill.log") in msg and not (tmp_path / "c" / "results.jsonl").exists()

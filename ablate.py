@@ -1,0 +1,310 @@
+"""The ablation: the paper's comparisons on the embedded domain, every arm from the same distilled start.
+
+    python ablate.py --quick              # distill, grpo, cot-synth, realm; one seed -> out/ablate/results.md
+    python ablate.py                      # every arm, 3 seeds
+    python ablate.py --arms grpo,realm --lr 1e-4 --eaai-decay 0.3    # any train.py flag goes to every arm
+    python ablate.py --out out/ablate --resume                        # run what is missing
+    (python train.py --stage ablate ... is the same command)
+
+Every arm is a plain `train.py` command run as a subprocess (its log beside its folder), from the same
+seed's distilled start with the same RL budget, then evaluated by `train.py --stage eval`; the table is
+built from the eval lines. The commands are the ones a user would type, so any row can be rerun alone.
+The flags below are the ablation's own; every other flag is a train.py flag, checked by train.py's
+parser and passed unchanged to every arm's rl and eval commands (the arm's own flags, written after
+them, win), and to the distillation too unless it belongs to train.py's rl or optimization group.
+
+Choices that are ours:
+1. Every arm gets 60 RL steps (half the rl default) so that all nine arms over three seeds fit in 3
+   hours on 2 CPU cores; `--steps` changes it.
+2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
+   run on the tiny model); a command that starts alone gets every core.
+3. RFT and GRPO use the answer reward without routes (the paper's baselines).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+import domain as D
+import train
+
+ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" distillation or None: scratch, rl flags or None: no rl)
+    "distill": ("distillation only (guided SFT, no RL)", "guided", None),
+    "rft": ("RFT: fine-tune on its own right answers, no routes", "guided", ["--algo", "rft", "--routes", "none", "--reward", "answer"]),
+    "grpo": ("GRPO without routes, answer reward", "guided", ["--routes", "none", "--reward", "answer"]),
+    "cot-synth": ("CoT-Synthesizer style: routes always, answer reward", "guided", ["--no-anneal", "--reward", "answer"]),
+    "mrpv": ("MRPV without EAAI: routes always, answer + verdict rewards", "guided", ["--no-anneal"]),
+    "eaai": ("EAAI without the verdict rewards: routes fade, answer reward", "guided", ["--reward", "answer"]),
+    "realm": ("ReaLM: MRPV + EAAI", "guided", []),
+    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", []),
+    "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, []),
+}
+QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
+RL_STEPS = 60  # choice 1
+SET_BY_ABLATE = ("--stage", "--init", "--data", "--eval-data", "--bench")  # train.py flags the ablation sets per run
+
+
+# ---- flags ----
+
+def parser():
+    ap = train.Parser(description="ReaLM's ablation: every arm from one distilled start, over seeds, "
+                                 "into one table. Any other flag is a train.py flag given to every arm.", allow_abbrev=False)
+    ap.add_argument("--stage", choices=["ablate"], help=argparse.SUPPRESS)  # python train.py --stage ablate
+    ap.add_argument("--arms", help=f"comma-separated arms (default: all; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
+    ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 3; --quick: 1)")
+    ap.add_argument("--seed", type=int, default=0, help="the first seed")
+    ap.add_argument("--quick", action="store_true", help="the key arms (unless --arms), one seed (unless --seeds)")
+    ap.add_argument("--distill-steps", type=train.count, default=600, help="steps of each seed's distillation")
+    ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
+    ap.add_argument("--eval-splits", default="test,hard", help="the embedded splits every arm is evaluated on "
+                    "(dev, test, hard; choose settings on dev, never on test)")
+    ap.add_argument("--out", default="out/ablate", help="the ablation's folder")
+    ap.add_argument("--resume", action="store_true", help="run what --out's runs.jsonl lacks, with the saved flags")
+    return ap
+
+
+def get_args(argv):
+    """(the ablation's flags, the train.py flags passed through, those flags as rl parses them)."""
+    ap = parser()
+    args, rest = ap.parse_known_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise D.DataError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    train.splits_of(args.eval_splits)
+    set_here = [f for f in rest if f.split("=")[0] in SET_BY_ABLATE]
+    if set_here:
+        raise D.DataError(f"{set_here[0]}: the ablation sets it for each run (it runs on the embedded domain)")
+    rl = train.get_args(["--stage", "rl", "--steps", str(RL_STEPS), *rest])  # checks every passed-through flag
+    return args, rest, rl
+
+
+def distill_flags(rest):
+    """The passed-through flags that also go to the distillation: all but train.py's rl and optimization
+    groups (the arms' RL settings), read from train.py's parser rather than kept here by hand."""
+    rl_only = {opt for group in train.parser()._action_groups if group.title in ("rl", "optimization")
+               for action in group._group_actions for opt in action.option_strings}
+    flags, keep = [], False
+    for f in rest:
+        if f.startswith("--"):
+            keep = f.split("=")[0] not in rl_only
+        if keep:
+            flags.append(f)
+    return flags
+
+
+# ---- the runs ----
+
+class Run(NamedTuple):
+    key: tuple  # (arm, seed), or ("guided" / "unguided", seed) for a distillation
+    needs: tuple | None  # the distillation it starts from
+    folder: Path  # what it writes (an arm's eval.jsonl lands here)
+    cmds: list  # its train.py commands, run one after another
+
+
+def runs_of(args, rest, out: Path):
+    """Each seed's distillation(s), then each arm: rl from that start, then eval."""
+    py = [sys.executable, str(Path(train.__file__).resolve())]
+    distill_cmd = [*py, "--stage", "distill", *distill_flags(rest), "--eval-n", "0", "--steps", str(args.distill_steps)]
+    rl_cmd = [*py, "--stage", "rl", "--steps", str(RL_STEPS), *rest, "--eval-n", "0", "--save-every", "0"]
+    eval_cmd = [*py, "--stage", "eval", *rest, "--eval-splits", args.eval_splits]
+    seeds = range(args.seed, args.seed + args.seeds)
+    runs = []
+    for s in seeds:
+        start = {"guided": out / f"seed{s}" / "distill", "unguided": out / f"seed{s}" / "distill-unguided"}
+        for kind, folder in start.items():
+            if any(ARMS[a][1] == kind for a in args.arms):
+                unguided = ["--unguided"] if kind == "unguided" else []
+                runs.append(Run((kind, s), None, folder, [[*distill_cmd, "--seed", str(s), "--out", str(folder), *unguided]]))
+        for a in args.arms:
+            _, kind, arm_flags = ARMS[a]
+            folder = out / f"seed{s}" / a
+            init = str(start[kind]) if kind else "scratch"
+            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags]]
+            cmds.append([*eval_cmd, "--init", str(start[kind] if arm_flags is None else folder), "--out", str(folder)])
+            runs.append(Run((a, s), kind and (kind, s), folder, cmds))
+    return runs
+
+
+def run_logged(run: Run, threads: int):
+    """Run a Run's commands one after another, their output to <folder>.log; (seconds, None or the error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = run.folder.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        for cmd in run.cmds:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+                lines = [x for x in log.read_text().replace("\r", "\n").splitlines() if x.strip()]
+                return time.time() - t0, f"{log}: {lines[-1] if lines else 'failed'}"
+    return time.time() - t0, None
+
+
+def start(argv):
+    """The ablation's flags and folder: a new run (the folder emptied, its command saved) or --resume."""
+    args, rest, rl = get_args(argv)
+    out = Path(args.out)
+    saved = out / "ablate.json"
+    if args.resume:  # the saved command's flags; runs already finished (runs.jsonl) are skipped
+        if not saved.is_file():
+            raise D.DataError(f"--resume: {saved} not found")
+        run = json.loads(saved.read_text())
+        jobs = args.jobs
+        args, rest, rl = get_args(run["argv"])
+        args.jobs, args.resume, args.out = jobs, True, str(out)
+        return args, rest, rl, out, run["command"]
+    command = " ".join(["python train.py" if args.stage else "python ablate.py", *map(shlex.quote, argv)])
+    train.fresh_run_folder(out)
+    saved.write_text(json.dumps({"command": command, "argv": argv}, indent=1) + "\n")
+    return args, rest, rl, out, command
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run_ablation(argv)
+    except (D.DataError, train.TrainingError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run_ablation(argv):
+    args, rest, rl, out, command = start(argv)
+    splits = train.splits_of(args.eval_splits)
+    jobs = args.jobs or (1 if train.pick_device(rl.device).type == "cuda" else 2)
+    done = out / "runs.jsonl"
+    finished = {tuple(json.loads(x)["key"]) for x in done.read_text().splitlines()} if done.is_file() else set()
+    pending = [r for r in runs_of(args, rest, out) if r.key not in finished]
+    print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
+          f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
+          f"({args.distill_steps} steps); eval on {', '.join(splits)}; {len(pending)} runs, {jobs} at a time; "
+          f"writing {out}/ (each run's output in its .log)", flush=True)
+    cores, failed, t0 = os.cpu_count() or 1, [], time.time()
+    bar = tqdm(total=len(pending), desc="ablate", dynamic_ncols=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        running = {}
+        while pending or running:
+            ready = [r for r in pending if r.needs is None or r.needs in finished]
+            for r in ready[:jobs - len(running)]:
+                threads = max(1, cores // min(jobs, len(ready) + len(running)))  # alone: every core (choice 2)
+                running[pool.submit(run_logged, r, threads)] = (r, threads)
+                pending.remove(r)
+            if not running:  # what is left waits on a run that failed
+                break
+            for fut in wait(running, return_when=FIRST_COMPLETED).done:
+                (r, threads), (seconds, error) = running.pop(fut), fut.result()
+                bar.update()
+                if error:
+                    failed.append(error)
+                    tqdm.write(f"failed: {error}")
+                    continue
+                finished.add(r.key)
+                record(out, r, seconds, threads)
+                write_table(out, args, rl, command)  # the table so far, after every run
+                name = r.key[0] if r.key[0] in ARMS else f"{r.key[0]} distillation"
+                tqdm.write(f"{name}, seed {r.key[1]}: done in {seconds / 60:.1f} min ({threads} threads)")
+    bar.close()
+    if done.is_file():  # also what rebuilds the table on a --resume with nothing left to run
+        write_table(out, args, rl, command)
+    print(f"ablate: {time.time() - t0:.0f} s; wrote {out}/results.md and results.jsonl")
+    if failed or pending:
+        raise train.TrainingError(f"{len(failed)} run(s) failed and {len(pending)} did not start; first: {failed[0]} "
+                                  f"(fix it, then: python ablate.py --out {out} --resume)")
+
+
+def record(out: Path, r: Run, seconds, threads):
+    """A finished run: its results first, then its line in runs.jsonl (a run there is never rerun by --resume)."""
+    if r.key[0] in ARMS:
+        for split, row in last_eval(r.folder).items():
+            train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
+                      acc_autonomous=row["acc_autonomous"], acc_with_routes=row["acc_with_routes"])
+    train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
+              commands=[" ".join(c) for c in r.cmds])
+
+
+def last_eval(folder: Path):
+    """{split: the last eval line of that split} in a run folder's eval.jsonl."""
+    return {row["split"]: row for row in map(json.loads, (folder / "eval.jsonl").read_text().splitlines())}
+
+
+# ---- the table ----
+
+def mean_std(xs, sign=""):
+    """'41.9 ± 1.2' in percent (sample std over seeds, none for one seed); sign="+": '+1.9 ± 0.4'."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{100 * m:{sign}.1f}"
+    return f"{100 * m:{sign}.1f} ± {100 * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
+
+
+def mean_or_dash(xs):
+    return f"{sum(xs) / len(xs):.1f}" if xs else "-"
+
+
+def cpu_name():
+    """'2 CPUs (Intel(R) Xeon(R) ...)' from /proc/cpuinfo where there is one."""
+    name = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        name = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                     if x.startswith("model name")), name)
+    return f"{os.cpu_count()} CPUs ({name})"
+
+
+def write_table(out: Path, args, rl, command):
+    """results.md: per arm and split, accuracy alone and with routes, mean ± std over the seeds done;
+    then each arm minus the distilled start of the same seed (paired, so the start's spread cancels)."""
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
+    acc = {(r["arm"], r["seed"], r["split"], k): r[k] for r in rows for k in ("acc_autonomous", "acc_with_routes")}  # a rerun's line wins
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
+    seeds, splits, kinds = range(args.seed, args.seed + args.seeds), train.splits_of(args.eval_splits), ("acc_autonomous", "acc_with_routes")
+    done = lambda a: [s for s in seeds if (a, s, splits[0], "acc_autonomous") in acc]
+
+    def diff(a, b, split, k):  # per seed that has both: a - b, in points
+        return [acc[a, s, split, k] - acc[b, s, split, k] for s in done(a) if s in done(b)]
+
+    machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
+    head = " | ".join(f"{s} alone | {s} with routes" for s in splits)
+    lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
+             f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
+             f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
+             f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples.",
+             f"- Greedy accuracy (%) on {rl.eval_n} problems a split, mean ± std over the seeds done "
+             f"(of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {rl.K} "
+             f"teacher routes, right and wrong.",
+             f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
+             f"{sum(r['minutes'] for r in runs):.0f} min.", "",
+             f"| arm | what | seeds | {head} | min a run |", "|---|---|---|" + "---|---|" * len(splits) + "---|"]
+    for a in args.arms:
+        cells = [mean_std([acc[a, s, sp, k] for s in done(a)]) if done(a) else "" for sp in splits for k in kinds]
+        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {mean_or_dash(minutes(a))} |")
+    if "distill" in args.arms:
+        lines += ["", "Each arm minus the distilled start of the same seed (points, mean ± std over seeds):", "",
+                  f"| arm | {head} |", "|---|" + "---|---|" * len(splits)]
+        for a in args.arms:
+            if a != "distill" and diff(a, "distill", splits[0], kinds[0]):
+                lines.append(f"| {a} | " + " | ".join(mean_std(diff(a, "distill", sp, k), "+") for sp in splits for k in kinds) + " |")
+    for a, b, k, paper in (("realm", "cot-synth", "acc_with_routes", "+4.2"), ("realm", "grpo", "acc_autonomous", "+2.6"),
+                           ("realm", "rft", "acc_autonomous", "+2.6")):
+        if diff(a, b, splits[0], k):
+            lines += ["", f"{a} minus {b}, {splits[0]} {'with routes' if k == 'acc_with_routes' else 'alone'}: "
+                      f"{mean_std(diff(a, b, splits[0], k), '+')} points (paired over {len(diff(a, b, splits[0], k))} "
+                      f"seed(s); the paper: {paper})."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
