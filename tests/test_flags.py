@@ -1,0 +1,78 @@
+"""Every bad flag ends in one line naming it and a non-zero exit, before any work is done."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ablate
+import bench
+import train
+
+BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse words its choices by Python version)
+    (["--stage", "rl", "--steps", "-3"], "error: argument --steps: must be >= 1 (got -3)"),
+    (["--stage", "distill", "--steps", "0"], "error: argument --steps: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--steps", "ten"], "error: argument --steps: invalid int value: 'ten'"),
+    (["--stage", "distill", "--batch-size", "0"], "error: argument --batch-size: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--num-generations", "1"], "error: --num-generations must be >= 2 for grpo (a group of 1 has zero advantage) (got 1)"),
+    (["--stage", "rl", "--algo", "rft", "--num-generations", "0"], "error: argument --num-generations: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--prompts-per-step", "0"], "error: argument --prompts-per-step: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--num-minibatches", "9"], "error: --num-minibatches must be at most --prompts-per-step (got 9)"),
+    (["--stage", "rl", "--epsilon", "-1"], "error: argument --epsilon: must be >= 0 and <= 1 (got -1)"),
+    (["--stage", "rl", "--epsilon-high", "-0.1"], "error: argument --epsilon-high: must be >= 0 (got -0.1)"),
+    (["--stage", "rl", "--temperature", "0"], "error: argument --temperature: must be > 0 (got 0)"),
+    (["--stage", "rl", "--lr", "0"], "error: argument --lr: must be > 0 (got 0)"),
+    (["--stage", "rl", "--beta", "-1"], "error: argument --beta: must be >= 0 (got -1)"),
+    (["--stage", "rl", "--mu", "0"], "error: argument --mu: must be >= 1 (got 0)"),
+    (["--stage", "distill", "--mrpv-share", "1.5"], "error: argument --mrpv-share: must be >= 0 and <= 1 (got 1.5)"),
+    (["--stage", "rl", "--neg-share", "-0.5"], "error: argument --neg-share: must be >= 0 and <= 1 (got -0.5)"),
+    (["--stage", "rl", "--eaai-decay", "2"], "error: argument --eaai-decay: must be >= 0 and <= 1 (got 2)"),
+    (["--stage", "rl", "--eaai-hold", "0.5", "--eaai-decay", "0.6"],
+     "error: --eaai-decay plus --eaai-hold must be at most 1 (both are shares of the steps) (got 0.6)"),
+    (["--stage", "rl", "--K", "0"], "error: argument --K: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--w-verdict", "-1"], "error: argument --w-verdict: must be >= 0 (got -1)"),
+    (["--stage", "rl", "--max-new-tokens", "0"], "error: argument --max-new-tokens: must be >= 1 (got 0)"),
+    (["--stage", "eval", "--eval-n", "-1"], "error: argument --eval-n: must be >= 0 (got -1)"),
+    (["--stage", "eval", "--eval-splits", "test,train"], "error: --eval-splits: unknown split 'train' (dev, test, hard)"),
+    (["--stage", "eval", "--eval-splits", ","], "error: --eval-splits: no split given (dev, test, hard)"),
+    (["--stage", "rl", "--device", "gpu0"], "error: --device 'gpu0' is not a device (auto, cpu, cuda, cuda:N)"),
+    (["--stage", "rl", "--loss-type", "group"], "error: argument --loss-type: invalid choice: 'group' (choose from ..."),
+    (["--stage", "train"], "error: argument --stage: invalid choice: 'train' (choose from ..."),
+    (["--steps", "3"], "error: the following arguments are required: --stage"),
+    (["--stage", "rl", "--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
+    (["--stage", "ablate", "--arms", "grpo,nope"], f"error: --arms: unknown arm(s) nope (known: {', '.join(ablate.ARMS)})"),
+    (["--stage", "ablate", "--jobs", "0"], "error: argument --jobs: must be >= 1 (got 0)"),
+    (["--stage", "ablate", "--temperature", "0"], "error: argument --temperature: must be > 0 (got 0)"),
+]
+
+
+@pytest.mark.parametrize("argv, line", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_a_bad_flag_is_one_line(argv, line, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the folder stays empty
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    said = str(e.value.code)
+    assert said.startswith(line[:-3]) if line.endswith("...") else said == line
+    assert "\n" not in said and list(tmp_path.iterdir()) == []
+
+
+def test_torchrun_processes_must_divide_the_prompts(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "rl", "--prompts-per-step", "8"])
+    assert str(e.value.code) == "error: --prompts-per-step is not a multiple of the 3 processes (got 8)"
+
+
+def test_bench_refuses_an_unknown_shape():
+    with pytest.raises(SystemExit) as e:
+        bench.main(["huge"])
+    assert str(e.value.code) == "error: the first argument is the model's shape (tiny, qwen2.5-0.5b, qwen2.5-1.5b), then any train.py rl flags"
+
+
+def test_from_the_shell_one_line_on_stderr_and_exit_1(tmp_path):
+    script = Path(train.__file__)
+    p = subprocess.run([sys.executable, str(script), "--stage", "rl", "--steps", "-3"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", "error: argument --steps: must be >= 1 (got -3)\n")
+    assert not (tmp_path / "out").exists()  # the distill stage did not run first
