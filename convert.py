@@ -1,7 +1,7 @@
 """Turn a GGUF file (llama.cpp's format) of a Llama / Qwen2 / Mistral model into a Hugging Face folder
 that model.load_model, model.load_tokenizer and transformers open:
 
-    pip install gguf        # llama.cpp's own reader; needed by this script only
+    pip install gguf        # llama.cpp's own reader (0.19 tested); needed by this script only
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2-135m-instruct
 
 It writes config.json (from the file's metadata), model.safetensors (Hugging Face parameter names,
