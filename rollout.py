@@ -26,6 +26,10 @@ Choices that are ours:
    step as one CUDA graph, as gpt-fast does: the step's ~15 kernels per layer are launched as one.
    The first call compiles (seconds to a minute) for any batch and cache size; the graph is
    captured once per call of generate.
+6. `greedy` (evaluation) runs many prompts sorted by length, 64 at a time on a CPU (512 on CUDA): a
+   batch lasts as long as its longest answer, so small batches of similar prompts stop sooner. On
+   the embedded domain's 1,000 test prompts with 3 routes (2-core CPU): 18-19 s at 32-64, 35 s at
+   256 sorted, 45 s at 256 unsorted.
 """
 
 import argparse
@@ -196,6 +200,24 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     out, logprobs, length, done = out.tolist(), logprobs.tolist(), length.tolist(), done.tolist()
     rows = [j * B + i for i in range(B) for j in range(n)]  # back to prompt-major
     return [Sample(r % B, out[r][:length[r]], logprobs[r][:length[r]], done[r]) for r in rows]
+
+
+@torch.no_grad()
+def greedy(model, prompts, max_new_tokens, eos_ids=(), pad_id=0, batch_size=None) -> list[list[int]]:
+    """The greedy completion of each prompt, in the prompts' order, batched by length (choice 6)."""
+    was_training = model.training
+    model.eval()
+    batch_size = batch_size or (512 if model.lm_head.weight.device.type == "cuda" else 64)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        samples = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0,
+                           eos_ids=eos_ids, pad_id=pad_id)
+        for i, s in zip(idx, samples):
+            out[i] = s.tokens
+    model.train(was_training)
+    return out
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import model as M
-from rollout import Sample, generate, generate_naive
+from rollout import Sample, generate, generate_naive, greedy
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,15 @@ def test_greedy_batch_equals_each_prompt_alone(lm):
         alone = generate(lm, [p], max_new_tokens=12, temperature=0)[0]
         assert batch[i].tokens == alone.tokens and batch[i].prompt_index == i
         assert max(abs(a - b) for a, b in zip(batch[i].logprobs, alone.logprobs)) <= 1e-5
+
+
+def test_greedy_in_length_sorted_batches_keeps_the_prompts_order(lm):
+    prompts = prompts_of([9, 2, 30, 5, 17, 2, 11])
+    alone = [generate(lm, [p], max_new_tokens=7, temperature=0, eos_ids=[5])[0].tokens for p in prompts]
+    assert greedy(lm, prompts, 7, eos_ids=[5], batch_size=3) == alone
+    lm.train()
+    assert greedy(lm, prompts, 7, eos_ids=[5], batch_size=2) == alone and lm.training  # eval inside, mode restored
+    lm.eval()
 
 
 def test_cached_equals_recompute(lm):
