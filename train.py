@@ -51,7 +51,7 @@ import eaai
 import grpo
 import model as M
 import mrpv
-from rollout import generate
+from rollout import generate, greedy
 
 
 # ---- flags ----
@@ -133,6 +133,7 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--num-minibatches", type=count, default=1, help="optimizer steps per epoch, each over a share of the groups")
     g.add_argument("--algo", default="grpo", choices=["grpo", "rft"], help="grpo, or rft: fine-tune on the policy's own right answers")
     g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
+    g.add_argument("--fresh-problems", action="store_true", help="draw from --budget problems the distillation never saw")
     g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
     g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"],
                    help="mrpv: answer + verdicts + step + format; answer: answer + format; steps: mrpv + credit per line of "
@@ -150,12 +151,13 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--steps", type=count, default=d["steps"], help=f"optimizer steps (default: {each('steps')})")
     g.add_argument("--lr", type=positive, default=d["lr"], help=f"peak learning rate (default: {each('lr')}; from a "
                    f"checkpoint: distill {PRETRAINED_LR['distill']}, rl on --data {PRETRAINED_LR['rl']})")
+    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after the warm-up")
     g.add_argument("--warmup", type=ranged(int, 0), default=d["warmup"], help=f"warm-up steps (default: {each('warmup')})")
     g.add_argument("--weight-decay", type=nonneg, default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=nonneg, default=1.0, help="clip the gradient norm to this (0: off)")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=ranged(int, 0), default=0, help="evaluate every k steps (0: only at the end)")
-    g.add_argument("--eval-n", type=ranged(int, 0), default=210, help="problems per evaluation split (0: no evaluation)")
+    g.add_argument("--eval-n", type=ranged(int, 0), default=None, help=f"problems per evaluation split (default {D.EVAL_SIZES}; 0: none)")
     g.add_argument("--max-new-tokens", type=count, default=160, help="tokens generated per answer at most")
     g.add_argument("--eval-splits", default="test,hard", help="eval: embedded splits (dev, test, hard; choose settings on dev)")
     return ap
@@ -181,6 +183,7 @@ def check_args(a):
         (a.num_generations < 2 and a.algo == "grpo", "num_generations", "must be >= 2 for grpo (a group of 1 has zero advantage)"),
         (a.prompts_per_step % world, "prompts_per_step", f"is not a multiple of the {world} processes"),
         (a.num_minibatches > a.prompts_per_step, "num_minibatches", "must be at most --prompts-per-step"),
+        (a.fresh_problems and a.data, "fresh_problems", "is for the embedded domain, not --data"),
         (a.eaai_hold + a.eaai_decay > 1, "eaai_decay", "plus --eaai-hold must be at most 1 (both are shares of the steps)"),
     ]
     for bad, name, what in checks:
@@ -222,7 +225,8 @@ def eval_sets(args, splits):
         return {"eval": distill.jsonl_set(args.eval_data)}
     if args.data or args.eval_n == 0:
         return {}
-    return {s: distill.embedded_set(s, args.eval_n, args.R, bank_seed=1000) for s in splits}
+    return {s: distill.embedded_set(s, D.EVAL_SIZES[s] if args.eval_n is None else args.eval_n, args.R, bank_seed=1000)
+            for s in splits}
 
 
 def splits_of(text):
@@ -238,35 +242,29 @@ def splits_of(text):
 
 # ---- evaluation ----
 
-@torch.no_grad()
-def accuracy(model, tok, problems, routes, max_new_tokens, batch_size=256, free_form=False):
-    """Greedy exact-answer accuracy on prompts showing `routes[i]` for problem i (empty: autonomous)."""
-    was_training = model.training
-    model.eval()
-    right = 0
-    for i in range(0, len(problems), batch_size):
-        ps, rs = problems[i:i + batch_size], routes[i:i + batch_size]
-        prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r)) for p, r in zip(ps, rs)]
-        samples = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0,
-                           eos_ids=tok.eos_ids, pad_id=tok.pad_id)
-        right += sum(D.check(mrpv.answer_of(tok.decode(s.tokens), free_form), p.answer) for s, p in zip(samples, ps))
-    model.train(was_training)
-    return right / max(1, len(problems))
+def correct(model, tok, problems, routes, max_new_tokens, free_form=False):
+    """Per problem, whether the greedy answer is right, on prompts showing `routes[i]` (empty: autonomous)."""
+    prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r)) for p, r in zip(problems, routes)]
+    outs = greedy(model, prompts, max_new_tokens, tok.eos_ids, tok.pad_id)
+    return [D.check(mrpv.answer_of(tok.decode(o), free_form), p.answer) for o, p in zip(outs, problems)]
 
 
 def evaluate(model, tok, problems, banks, args):
-    """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem; choice 3)."""
+    """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem; choice 3),
+    and right_autonomous / right_with_routes: each problem's 0 or 1, in order, for paired comparisons."""
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
     free = bool(args.data)  # real data: free-form answers (domain.extract_answer)
-    return {"acc_autonomous": accuracy(model, tok, problems, [[]] * len(problems), args.max_new_tokens, free_form=free),
-            "acc_with_routes": accuracy(model, tok, problems, shown, args.max_new_tokens, free_form=free)}
+    right = {"autonomous": correct(model, tok, problems, [[]] * len(problems), args.max_new_tokens, free),
+             "with_routes": correct(model, tok, problems, shown, args.max_new_tokens, free)}
+    return {**{f"acc_{k}": sum(r) / max(1, len(r)) for k, r in right.items()},
+            **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
 
 
 def evaluate_and_log(model, tok, evals, args, path, step, **extra):
     """Evaluate on each split, append a line per split to `path`, print the figures."""
     for split, (ps, bs) in evals.items():
         acc = evaluate(model, tok, ps, bs, args)
-        log(path, step=step, split=split, n=len(ps), **acc, **extra)
+        log(path, step=step, split=split, n=len(ps), **acc, **extra)  # acc: both accuracies and per-problem bits
         tqdm.write(f"{'' if step is None else f'step {step} '}{split} ({len(ps)} problems): "
                    f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f}")
 
@@ -304,16 +302,11 @@ def save_run(model, tok, out: Path, state: dict):
 
 
 def lr_at(step, args):
-    """Linear warm-up, then cosine decay to 10 % of the peak (choice 1)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
+    """Linear warm-up, then cosine decay to 10 % of the peak (choice 1), or the peak (--lr-schedule constant)."""
+    if step < args.warmup or args.lr_schedule == "constant":
+        return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     u = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, u))))
-
-
-def set_lr(opt, lr):
-    for g in opt.param_groups:
-        g["lr"] = lr
 
 
 def eval_due(step, args):
@@ -355,7 +348,8 @@ def run_distill(args):
     bar = tqdm(range(args.steps), desc="distill", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        set_lr(opt, lr_at(step, args))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
         batch = [examples[rng.randrange(len(examples))] for _ in range(args.batch_size)]
         loss_sum = distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
         if args.grad_clip:
@@ -403,6 +397,8 @@ def rl_start(args, device):
         print("rl: no out/distill/ yet: running the distill stage first (python train.py --stage distill)", flush=True)
         run_distill(get_args(["--stage", "distill", "--device", args.device, "--seed", str(args.seed)]))
     model, tok = load_student(args, device)
+    if args.fresh_problems:  # problems the distillation never saw, routes from the same teacher (a larger budget)
+        return model, tok, *distill.embedded_set("fresh", args.budget, args.R, args.seed, args.seed, not args.unguided)
     bank = Path(args.init) / "routes.jsonl"
     if args.data or (args.init != "scratch" and bank.is_file()):
         return model, tok, *distill.jsonl_set(args.data or bank)
@@ -528,7 +524,8 @@ def run_rl(args):
     for step in bar:
         t = [grpo.clock(device)]  # phase boundaries
         M.peak_memory_reset(device)
-        set_lr(run.opt, lr_at(step, args))
+        for g in run.opt.param_groups:
+            g["lr"] = lr_at(step, args)
         # 1. the step's prompts, each with the routes EAAI lets it show; this process samples groups `mine`
         idx, shown = rl_prompts(step, run, args)
         mine = list(range(rank, len(idx), world))
@@ -552,7 +549,7 @@ def run_rl(args):
         bad_run = bad_run + 1 if bad else 0
         row = rl_row(step, run, rewards, samples, batch, loss, stats, bad, t, args, world, device)
         if rank == 0:
-            log(metrics, **row)
+            log(metrics, **row, autonomous=not any(shown))  # no route in any prompt of the step
         bar.set_postfix(reward=f"{row['reward']:.2f}", answer=f"{row['reward_answer']:.2f}", h=f"{row['hint']:.2f}")
         if bad_run >= args.max_bad_steps:
             where = f"{out}/ holds the last good checkpoint (step {last_save})" if last_save else "no checkpoint was written"

@@ -30,6 +30,7 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "rl", "--eaai-decay", "2"], "error: argument --eaai-decay: must be >= 0 and <= 1 (got 2)"),
     (["--stage", "rl", "--eaai-hold", "0.5", "--eaai-decay", "0.6"],
      "error: --eaai-decay plus --eaai-hold must be at most 1 (both are shares of the steps) (got 0.6)"),
+    (["--stage", "rl", "--data", "x.jsonl", "--fresh-problems"], "error: --fresh-problems is for the embedded domain, not --data (got True)"),
     (["--stage", "rl", "--K", "0"], "error: argument --K: must be >= 1 (got 0)"),
     (["--stage", "rl", "--w-verdict", "-1"], "error: argument --w-verdict: must be >= 0 (got -1)"),
     (["--stage", "rl", "--max-new-tokens", "0"], "error: argument --max-new-tokens: must be >= 1 (got 0)"),

@@ -313,3 +313,24 @@ def test_rl_on_a_qwen_layout_checkpoint_with_gsm8k_jsonl_and_the_chat_format(tmp
     im_start = tok.tok.token_to_id("<|im_start|>")
     assert seen and all(p[0] == im_start for p in seen)  # the prompts are in the checkpoint's chat format
     assert M.load_model(tmp_path / "rl").config.qkv_bias
+
+
+def test_fresh_problems_constant_lr_and_autonomous_steps(distilled, tmp_path, monkeypatch):
+    """--fresh-problems: RL prompts come from problems the distillation never saw; --lr-schedule constant:
+    the peak after the warm-up; each step says whether it showed any route."""
+    import domain as D
+    import train
+
+    seen = []
+    real = train.generate
+    monkeypatch.setattr(train, "generate", lambda m, prompts, **k: seen.extend(prompts) or real(m, prompts, **k))
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "rl"), "--fresh-problems",
+                "--budget", "30", "--lr-schedule", "constant", "--warmup", "1", "--lr", "1e-4", "--eaai-decay", "0.5"] + RL_FLAGS)
+    rows = [r for r in rl_rows(tmp_path / "rl") if r.get("stage") == "rl"]
+    assert [r["lr"] for r in rows] == [1e-4] * 4
+    assert all(r["autonomous"] for r in rows if r["hint"] == 0) and not any(r["autonomous"] for r in rows if r["hint"] == 1)
+    assert rows[0]["hint"] == 1 and rows[-1]["hint"] == 0  # (in between, a step is autonomous when no prompt drew routes)
+    tok = M.load_tokenizer(distilled)
+    distilled_on = {p.question for p in D.load_jsonl(distilled / "routes.jsonl")}
+    asked = {tok.decode(p).split("\n")[0] for p in seen}
+    assert asked and not asked & distilled_on and asked <= {p.question for p in D.split("fresh", 30)}
