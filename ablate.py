@@ -19,6 +19,10 @@ Choices that are ours:
 2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
    run on the tiny model); a command that starts alone gets every core.
 3. RFT and GRPO use the answer reward without routes (the paper's baselines).
+4. Differences between arms are paired: the same seed's start, the same evaluation problems. Their 95 %
+   intervals come from a two-stage bootstrap (seeds, then problems within a seed; 1,000 draws,
+   percentile interval), which counts both the spread of the distilled starts and the sampling of the
+   problems; with one seed it is the problems' sampling alone.
 """
 
 import argparse
@@ -33,6 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -47,7 +52,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
     "mrpv": ("MRPV without EAAI: routes always, answer + verdict rewards", "guided", ["--no-anneal"]),
     "eaai": ("EAAI without the verdict rewards: routes fade, answer reward", "guided", ["--reward", "answer"]),
     "realm": ("ReaLM: MRPV + EAAI", "guided", []),
-    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", []),
+    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", ["--unguided"]),  # for --fresh-problems' routes
     "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, []),
 }
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
@@ -226,11 +231,17 @@ def run_ablation(argv):
 
 
 def record(out: Path, r: Run, seconds, threads):
-    """A finished run: its results first, then its line in runs.jsonl (a run there is never rerun by --resume)."""
+    """A finished run: its results first, then its line in runs.jsonl (a run there is never rerun by --resume).
+    A result line: the arm's accuracies, each problem's 0 / 1 (paired comparisons), and its autonomous updates
+    (RL steps whose prompts showed no route, skipped ones left out) with their summed learning rate."""
     if r.key[0] in ARMS:
+        metrics = r.folder / "metrics.jsonl"
+        steps = [x for x in map(json.loads, metrics.read_text().splitlines()) if x.get("stage") == "rl"] if metrics.is_file() else []
+        auto = [x["lr"] for x in steps if x["autonomous"] and not x["skipped_updates"]]
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
-                      acc_autonomous=row["acc_autonomous"], acc_with_routes=row["acc_with_routes"])
+                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "right_autonomous", "right_with_routes")},
+                      updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])
 
@@ -250,6 +261,30 @@ def mean_std(xs, sign=""):
     return f"{100 * m:{sign}.1f} ± {100 * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
 
 
+def paired_ci(a: dict, b: dict, draws=1000):
+    """Arm a minus arm b in points, from each problem's 0 / 1 of both ({seed: '0110...'}, the same problems):
+    the mean over the seeds both have and their problems, and its 95 % interval from a paired two-stage
+    bootstrap (choice 4): draw the seeds with replacement, then the problems within each drawn seed, the
+    same draws for both arms, so the start's spread and the problems' sampling are both in the interval.
+    Returns (mean, low, high, seeds) or None when no seed has both."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    bits = lambda x: np.frombuffer(x.encode(), dtype=np.uint8) - ord("0")
+    d = np.stack([bits(a[s]).astype(np.int8) - bits(b[s]) for s in seeds])  # (S, n) in {-1, 0, 1}
+    S, n = d.shape
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, S, (draws, S, 1), dtype=np.int32)
+    cols = rng.integers(0, n, (draws, S, n), dtype=np.int32)
+    means = d[rows, cols].mean(axis=(1, 2))  # (draws,)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return 100 * d.mean(), 100 * low, 100 * high, S
+
+
+def ci_text(c):
+    return "" if c is None else f"{c[0]:+.1f} [{c[1]:+.1f}, {c[2]:+.1f}]"
+
+
 def mean_or_dash(xs):
     return f"{sum(xs) / len(xs):.1f}" if xs else "-"
 
@@ -263,46 +298,56 @@ def cpu_name():
     return f"{os.cpu_count()} CPUs ({name})"
 
 
+KINDS = {"alone": "autonomous", "with routes": "with_routes"}
+COMPARISONS = (("realm", "cot-synth", "with routes", "+4.2"), ("realm", "grpo", "alone", "+2.6"))  # the paper's two
+
+
 def write_table(out: Path, args, rl, command):
-    """results.md: per arm and split, accuracy alone and with routes, mean ± std over the seeds done;
-    then each arm minus the distilled start of the same seed (paired, so the start's spread cancels)."""
+    """results.md: per arm and split, accuracy alone and with routes (mean ± std over the seeds done) and
+    its autonomous updates; then each arm against the distilled start, GRPO and CoT-Synthesizer style:
+    paired differences with 95 % intervals; then the paper's two comparisons."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
-    acc = {(r["arm"], r["seed"], r["split"], k): r[k] for r in rows for k in ("acc_autonomous", "acc_with_routes")}  # a rerun's line wins
+    res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
-    seeds, splits, kinds = range(args.seed, args.seed + args.seeds), train.splits_of(args.eval_splits), ("acc_autonomous", "acc_with_routes")
-    done = lambda a: [s for s in seeds if (a, s, splits[0], "acc_autonomous") in acc]
-
-    def diff(a, b, split, k):  # per seed that has both: a - b, in points
-        return [acc[a, s, split, k] - acc[b, s, split, k] for s in done(a) if s in done(b)]
-
+    seeds, splits = range(args.seed, args.seed + args.seeds), train.splits_of(args.eval_splits)
+    done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
+    bits = lambda a, sp, k: {s: res[a, s, sp][f"right_{k}"] for s in done(a)}
+    n = {sp: "/".join(map(str, sorted({r["n"] for r in rows if r["split"] == sp}))) for sp in splits}  # one size each
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
-    head = " | ".join(f"{s} alone | {s} with routes" for s in splits)
+    head = " | ".join(f"{sp} {m}" for sp in splits for m in KINDS)
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
              f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
              f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
-             f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples.",
-             f"- Greedy accuracy (%) on {rl.eval_n} problems a split, mean ± std over the seeds done "
-             f"(of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {rl.K} "
-             f"teacher routes, right and wrong.",
+             f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
+             f"(learning rate: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
+             f"- Greedy accuracy (%) on {', '.join(f'{sp} {n[sp]}' for sp in splits)} problems, mean ± std over the "
+             f"seeds done (of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {rl.K} "
+             f"teacher routes, right and wrong. 'Autonomous': RL updates with no route in any prompt, and their "
+             f"summed learning rate.",
              f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
              f"{sum(r['minutes'] for r in runs):.0f} min.", "",
-             f"| arm | what | seeds | {head} | min a run |", "|---|---|---|" + "---|---|" * len(splits) + "---|"]
+             f"| arm | what | seeds | {head} | autonomous updates (Σ lr) | min a run |",
+             "|---|---|---|" + "---|" * len(splits) * 2 + "---|---|"]
     for a in args.arms:
-        cells = [mean_std([acc[a, s, sp, k] for s in done(a)]) if done(a) else "" for sp in splits for k in kinds]
-        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {mean_or_dash(minutes(a))} |")
-    if "distill" in args.arms:
-        lines += ["", "Each arm minus the distilled start of the same seed (points, mean ± std over seeds):", "",
-                  f"| arm | {head} |", "|---|" + "---|---|" * len(splits)]
+        cells = [mean_std([res[a, s, sp][f"acc_{k}"] for s in done(a)]) if done(a) else "" for sp in splits for k in KINDS.values()]
+        auto = [(res[a, s, splits[0]]["autonomous_updates"], res[a, s, splits[0]]["autonomous_lr_sum"]) for s in done(a)]
+        auto = f"{mean_or_dash([u for u, _ in auto])} ({sum(x for _, x in auto) / max(1, len(auto)):.2g})" if auto else ""
+        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {auto} | {mean_or_dash(minutes(a))} |")
+    for ref in ("distill", "grpo", "cot-synth"):
+        if ref not in args.arms or not done(ref):
+            continue
+        lines += ["", f"Each arm minus {ref}, paired by seed and problem: mean difference in points [95 % interval] "
+                  f"(seeds in both):", "", f"| arm | seeds | {head} |", "|---|---|" + "---|" * len(splits) * 2]
         for a in args.arms:
-            if a != "distill" and diff(a, "distill", splits[0], kinds[0]):
-                lines.append(f"| {a} | " + " | ".join(mean_std(diff(a, "distill", sp, k), "+") for sp in splits for k in kinds) + " |")
-    for a, b, k, paper in (("realm", "cot-synth", "acc_with_routes", "+4.2"), ("realm", "grpo", "acc_autonomous", "+2.6"),
-                           ("realm", "rft", "acc_autonomous", "+2.6")):
-        if diff(a, b, splits[0], k):
-            lines += ["", f"{a} minus {b}, {splits[0]} {'with routes' if k == 'acc_with_routes' else 'alone'}: "
-                      f"{mean_std(diff(a, b, splits[0], k), '+')} points (paired over {len(diff(a, b, splits[0], k))} "
-                      f"seed(s); the paper: {paper})."]
+            cis = [paired_ci(bits(a, sp, k), bits(ref, sp, k)) for sp in splits for k in KINDS.values()]
+            if a != ref and cis[0]:
+                lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
+    for a, b, mode, paper in COMPARISONS:
+        c = paired_ci(bits(a, splits[0], KINDS[mode]), bits(b, splits[0], KINDS[mode])) if a in args.arms and b in args.arms else None
+        if c:
+            lines += ["", f"{a} minus {b}, {splits[0]} {mode}: {ci_text(c)} points (paired over {c[3]} seed(s) and "
+                      f"{n[splits[0]]} problems; the paper: {paper})."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -61,10 +61,17 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     for r in results:  # the table's numbers are the arm's own eval lines
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
         assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
+        assert r["right_autonomous"] == ev["right_autonomous"] and r["right_autonomous"].count("1") == 4 * r["acc_autonomous"]
+        assert (r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0)) or r["arm"] == "grpo"
+    grpo_row = next(r for r in results if r["arm"] == "grpo")  # no routes at all: every update autonomous
+    lrs = [m["lr"] for m in lines(out / "seed0" / "grpo" / "metrics.jsonl")]
+    assert (grpo_row["updates"], grpo_row["autonomous_updates"], grpo_row["autonomous_lr_sum"]) == (2, 2, sum(lrs))
     table = (out / "results.md").read_text()
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
     acc = {(r["arm"], r["split"]): r["acc_autonomous"] for r in results}  # the paired row: grpo minus its start
-    assert f"| grpo | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} |" in table
+    assert "Each arm minus distill, paired by seed and problem" in table
+    assert f"| grpo | 1 | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} [" in table
+    assert "Each arm minus grpo" in table and "| 2.0 (" in table and "test 4, hard 4 problems" in table  # grpo's 2 autonomous updates
     assert len(lines(out / "seed0" / "grpo" / "metrics.jsonl")) == 2  # 2 rl steps, no in-loop eval
 
     # drop grpo's lines as if the command had been stopped during it: --resume reruns grpo, nothing else
@@ -74,6 +81,15 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     assert (out / "seed0" / "distill.log").read_text().count("--stage distill") == 1  # not distilled again
     assert (out / "seed0" / "grpo.log").read_text().count("--stage rl") == 2
     assert "| grpo | GRPO without routes, answer reward | 1 |" in (out / "results.md").read_text()
+
+
+def test_paired_ci():
+    same = {0: "0110", 1: "1001"}
+    assert ablate.paired_ci(same, same) == (0.0, 0.0, 0.0, 2)
+    assert ablate.paired_ci({0: "1111", 1: "1111"}, {0: "0000", 2: "0000"}) == (100.0, 100.0, 100.0, 1)  # seed 0 only
+    assert ablate.paired_ci({0: "11"}, {1: "00"}) is None
+    mean, low, high, seeds = ablate.paired_ci({s: "1100" * 250 for s in range(3)}, {s: "1000" * 250 for s in range(3)})
+    assert (mean, seeds) == (25.0, 3) and 20 < low < 25 < high < 30  # problems' sampling: one std error ~1.4 points
 
 
 def test_ablate_bad_input_and_a_failing_run(tmp_path):
