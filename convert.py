@@ -298,11 +298,7 @@ def convert(file, out, dtype=torch.float32, overwrite=False):
             (tmp / name).write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         back = M.load_tokenizer(tmp)  # what train.py will read
         assert back.vocab_size <= cfg.vocab_size, f"{where}: {back.vocab_size} tokens, {cfg.vocab_size} embedding rows"
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        M.swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg, back

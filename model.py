@@ -491,13 +491,19 @@ def save_model(model: Transformer, path, tokenizer=None, extra=None):
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if extra is not None:
             extra(tmp)
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))  # unique, like tmp
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(tmp: Path, path: Path):
+    """Rename a finished temporary folder (named .tmp-...) over `path`: the old folder is moved aside first
+    and removed last, so `path` is at every moment either the old folder or the new one."""
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))  # unique, like tmp
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- tokenizer ----
