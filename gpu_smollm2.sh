@@ -37,14 +37,14 @@ if [ -z "$gguf_file" ]; then
 fi
 [ -f "$ckpt/config.json" ] || run 120 $py convert.py "$gguf_file/SmolLM2-135M-Instruct.Q4_1.gguf" "$ckpt"
 
-run 60 $py train.py --stage eval --init "$ckpt" --out "$runs/base"
+run 60 $py train.py --stage eval --init "$ckpt" --out "$runs/base" --eval-n 500
 run 150 $py train.py --stage distill --init "$ckpt" --out "$runs/distill" --eval-n 0
-run 60 $py train.py --stage eval --init "$runs/distill"
+run 60 $py train.py --stage eval --init "$runs/distill" --eval-n 500
 run 180 $py train.py --stage rl --init "$runs/distill" --out "$runs/grpo" --routes none --reward answer --steps 60 \
     --eval-n 0 --compile
-run 60 $py train.py --stage eval --init "$runs/grpo"
+run 60 $py train.py --stage eval --init "$runs/grpo" --eval-n 500
 run 180 $py train.py --stage rl --init "$runs/distill" --out "$runs/realm" --steps 60 --eval-n 0 --compile
-run 60 $py train.py --stage eval --init "$runs/realm"
+run 60 $py train.py --stage eval --init "$runs/realm" --eval-n 500
 run 60 $py rollout.py --bench --model "$ckpt" --batches 1,64 --new-tokens 256 --naive-max 256
 
 if [ "$logs" != "$runs" ]; then  # the small files, next to the log (the weights stay in $runs)
