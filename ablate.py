@@ -57,7 +57,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 }
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
 RL_STEPS = 60  # choice 1
-SET_BY_ABLATE = ("--stage", "--init", "--data", "--eval-data", "--bench")  # train.py flags the ablation sets per run
+SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
 
 
 # ---- flags ----
@@ -88,7 +88,7 @@ def get_args(argv):
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise D.DataError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
-    train.splits_of(args.eval_splits)
+    args.splits = train.splits_of(args.eval_splits)
     set_here = [f for f in rest if f.split("=")[0] in SET_BY_ABLATE]
     if set_here:
         raise D.DataError(f"{set_here[0]}: the ablation sets it for each run (it runs on the embedded domain)")
@@ -188,14 +188,13 @@ def main(argv=None):
 
 def run_ablation(argv):
     args, rest, rl, out, command = start(argv)
-    splits = train.splits_of(args.eval_splits)
     jobs = args.jobs or (1 if train.pick_device(rl.device).type == "cuda" else 2)
     done = out / "runs.jsonl"
     finished = {tuple(json.loads(x)["key"]) for x in done.read_text().splitlines()} if done.is_file() else set()
     pending = [r for r in runs_of(args, rest, out) if r.key not in finished]
     print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
           f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
-          f"({args.distill_steps} steps); eval on {', '.join(splits)}; {len(pending)} runs, {jobs} at a time; "
+          f"({args.distill_steps} steps); eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
           f"writing {out}/ (each run's output in its .log)", flush=True)
     cores, failed, t0 = os.cpu_count() or 1, [], time.time()
     bar = tqdm(total=len(pending), desc="ablate", dynamic_ncols=True)
@@ -310,7 +309,7 @@ def write_table(out: Path, args, rl, command):
     res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
-    seeds, splits = range(args.seed, args.seed + args.seeds), train.splits_of(args.eval_splits)
+    seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
     bits = lambda a, sp, k: {s: res[a, s, sp][f"right_{k}"] for s in done(a)}
     n = {sp: "/".join(map(str, sorted({r["n"] for r in rows if r["split"] == sp}))) for sp in splits}  # one size each

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import domain as D
 import model as M
 import mrpv
+from grpo import micro_batches
 from rollout import generate
 
 
@@ -134,8 +135,6 @@ def sft_batch(examples, pad_id, device):
 def sft_step(model, batch, pad_id, micro_tokens, autocast):
     """Forward and backward of one SFT batch in micro-batches of at most micro_tokens padded tokens (gradient
     accumulation; micro_batches from grpo.py); the loss is the mean over the whole batch's response tokens."""
-    from grpo import micro_batches
-
     n_tokens = sum(len(r) for _, r in batch)
     loss_sum = 0.0
     for micro in micro_batches(batch, micro_tokens):

@@ -191,7 +191,7 @@ def check_args(a):
             raise D.DataError(f"--{name.replace('_', '-')} {what} (got {getattr(a, name)})")
     splits_of(a.eval_splits)
     try:
-        torch.device("cuda" if a.device == "auto" else a.device)
+        pick_device(a.device)
     except RuntimeError:
         raise D.DataError(f"--device {a.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
