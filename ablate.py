@@ -70,7 +70,8 @@ def parser():
     ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 3; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
     ap.add_argument("--quick", action="store_true", help="the key arms (unless --arms), one seed (unless --seeds)")
-    ap.add_argument("--distill-steps", type=train.count, default=600, help="steps of each seed's distillation")
+    ap.add_argument("--distill-steps", type=train.count, default=train.STAGE_DEFAULTS["distill"]["steps"],
+                    help="steps of each seed's distillation (default: train.py's)")
     ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
     ap.add_argument("--eval-splits", default="test,hard", help="the embedded splits every arm is evaluated on "
                     "(dev, test, hard; choose settings on dev, never on test)")
@@ -239,7 +240,7 @@ def record(out: Path, r: Run, seconds, threads):
         auto = [x["lr"] for x in steps if x["autonomous"] and not x["skipped_updates"]]
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
-                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "right_autonomous", "right_with_routes")},
+                      **{k: row.get(k) for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])
@@ -302,9 +303,9 @@ COMPARISONS = (("realm", "cot-synth", "with routes", "+4.2"), ("realm", "grpo", 
 
 
 def write_table(out: Path, args, rl, command):
-    """results.md: per arm and split, accuracy alone and with routes (mean ± std over the seeds done) and
-    its autonomous updates; then each arm against the distilled start, GRPO and CoT-Synthesizer style:
-    paired differences with 95 % intervals; then the paper's two comparisons."""
+    """results.md: per arm and split, accuracy alone and with routes (mean ± std over the seeds done), its
+    verdicts and autonomous updates; then each arm against the distilled start, GRPO and CoT-Synthesizer
+    style: paired differences with 95 % intervals; whether the start reads routes; the paper's two comparisons."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
     res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
@@ -312,6 +313,8 @@ def write_table(out: Path, args, rl, command):
     seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
     bits = lambda a, sp, k: {s: res[a, s, sp][f"right_{k}"] for s in done(a)}
+    verdict_accs = lambda a: [v for s in done(a) if (v := res[a, s, splits[0]].get("verdict_acc")) is not None]
+    verdicts = lambda a: mean_std(verdict_accs(a)) if verdict_accs(a) else "-"
     n = {sp: "/".join(map(str, sorted({r["n"] for r in rows if r["split"] == sp}))) for sp in splits}  # one size each
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
     head = " | ".join(f"{sp} {m}" for sp in splits for m in KINDS)
@@ -323,16 +326,17 @@ def write_table(out: Path, args, rl, command):
              f"- Greedy accuracy (%) on {', '.join(f'{sp} {n[sp]}' for sp in splits)} problems, mean ± std over the "
              f"seeds done (of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {rl.K} "
              f"teacher routes, right and wrong. 'Autonomous': RL updates with no route in any prompt, and their "
-             f"summed learning rate.",
+             f"summed learning rate. 'Verdicts': the share of shown routes judged right with routes ({splits[0]}; "
+             f"chance 50 %).",
              f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
              f"{sum(r['minutes'] for r in runs):.0f} min.", "",
-             f"| arm | what | seeds | {head} | autonomous updates (Σ lr) | min a run |",
-             "|---|---|---|" + "---|" * len(splits) * 2 + "---|---|"]
+             f"| arm | what | seeds | {head} | verdicts | autonomous updates (Σ lr) | min a run |",
+             "|---|---|---|" + "---|" * len(splits) * 2 + "---|---|---|"]
     for a in args.arms:
         cells = [mean_std([res[a, s, sp][f"acc_{k}"] for s in done(a)]) if done(a) else "" for sp in splits for k in KINDS.values()]
         auto = [(res[a, s, splits[0]]["autonomous_updates"], res[a, s, splits[0]]["autonomous_lr_sum"]) for s in done(a)]
         auto = f"{mean_or_dash([u for u, _ in auto])} ({sum(x for _, x in auto) / max(1, len(auto)):.2g})" if auto else ""
-        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {auto} | {mean_or_dash(minutes(a))} |")
+        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {verdicts(a)} | {auto} | {mean_or_dash(minutes(a))} |")
     for ref in ("distill", "grpo", "cot-synth"):
         if ref not in args.arms or not done(ref):
             continue
@@ -342,6 +346,10 @@ def write_table(out: Path, args, rl, command):
             cis = [paired_ci(bits(a, sp, k), bits(ref, sp, k)) for sp in splits for k in KINDS.values()]
             if a != ref and cis[0]:
                 lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
+    if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help, verdicts beat chance)
+        c = paired_ci(bits("distill", splits[0], "with_routes"), bits("distill", splits[0], "autonomous"))
+        lines += ["", f"The start, {splits[0]}: with routes minus alone {ci_text(c)} points (paired over {c[3]} seed(s)); "
+                  f"verdicts {verdicts('distill')} % right."]
     for a, b, mode, paper in COMPARISONS:
         c = paired_ci(bits(a, splits[0], KINDS[mode]), bits(b, splits[0], KINDS[mode])) if a in args.arms and b in args.arms else None
         if c:

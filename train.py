@@ -14,9 +14,9 @@ Choices that are ours:
 1. Optimizer: AdamW (betas 0.9, 0.95), weight decay on matrices only, linear warm-up then cosine
    decay to 10 % of the peak learning rate, gradient clipping at 1.0. Parameters stay in float32;
    on CUDA the forward runs under bfloat16 autocast.
-2. The default distillation budget (3,000 teacher-written problems, 600 steps of 16) is set so that
-   SFT plateaus below the ceiling on the embedded domain: the student memorises its budget and lands
-   well short of 100 % on test, which leaves RL something to add.
+2. The default distillation (3,000 teacher-written problems, 500 steps of 32, peak lr 1.4e-3) and the
+   student's 8 heads (model.tiny_config) were chosen on dev for a start that depends less on the seed
+   (RESULTS.md, "A stable start"). It lands near, not at, the ceiling: RL is left the chain's slips.
 3. Evaluation is greedy. acc_with_routes shows K routes drawn from the split's own route bank with
    the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
 4. RL defaults, chosen on the dev split of the embedded domain (RESULTS.md): 8 prompts x 8 samples a
@@ -58,7 +58,7 @@ from rollout import generate, greedy
 
 # Per-stage defaults (choices 2 and 4), literal; `python train.py --stage rl --help` shows rl's.
 STAGE_DEFAULTS = {
-    "distill": dict(init="scratch", steps=600, lr=2e-3, warmup=30),
+    "distill": dict(init="scratch", steps=500, lr=1.4e-3, warmup=30),
     "rl": dict(init="out/distill", steps=120, lr=3e-5, warmup=3),
 }
 PRETRAINED_LR = {"distill": 1e-5, "rl": 1e-6}  # distill from a checkpoint --init, rl on --data (choice 4)
@@ -114,7 +114,7 @@ def parser(stage=None, pretrained=False):
     g = ap.add_argument_group("distillation and routes")
     g.add_argument("--budget", type=ranged(int, 0), default=3000, help="teacher-written problems for SFT (embedded domain)")
     g.add_argument("--unguided", action="store_true", help="distil from the teacher WITHOUT the rules (the baseline)")
-    g.add_argument("--batch-size", type=count, default=16, help="SFT sequences per optimizer step")
+    g.add_argument("--batch-size", type=count, default=32, help="SFT sequences per optimizer step")
     g.add_argument("--R", type=count, default=3, help="positive and negative routes per problem in the route bank, each")
     g.add_argument("--mrpv-share", type=share, default=0.1, help="share of SFT examples in the MRPV format")
     g.add_argument("--sft-eaai", action=argparse.BooleanOptionalAction, default=False, help="MRPV SFT examples show 1..K routes, partly")
@@ -133,7 +133,7 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--num-minibatches", type=count, default=1, help="optimizer steps per epoch, each over a share of the groups")
     g.add_argument("--algo", default="grpo", choices=["grpo", "rft"], help="grpo, or rft: fine-tune on the policy's own right answers")
     g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
-    g.add_argument("--fresh-problems", action="store_true", help="draw from --budget problems the distillation never saw")
+    g.add_argument("--fresh-problems", action=argparse.BooleanOptionalAction, default=False, help="draw from --budget problems the distillation never saw")
     g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
     g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"],
                    help="mrpv: answer + verdicts + step + format; answer: answer + format; steps: mrpv + credit per line of "
@@ -242,21 +242,24 @@ def splits_of(text):
 
 # ---- evaluation ----
 
-def correct(model, tok, problems, routes, max_new_tokens, free_form=False):
-    """Per problem, whether the greedy answer is right, on prompts showing `routes[i]` (empty: autonomous)."""
+def completions(model, tok, problems, routes, max_new_tokens):
+    """The greedy completion of each problem's prompt showing `routes[i]` (empty: autonomous)."""
     prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r)) for p, r in zip(problems, routes)]
-    outs = greedy(model, prompts, max_new_tokens, tok.eos_ids, tok.pad_id)
-    return [D.check(mrpv.answer_of(tok.decode(o), free_form), p.answer) for o, p in zip(outs, problems)]
+    return [tok.decode(o) for o in greedy(model, prompts, max_new_tokens, tok.eos_ids, tok.pad_id)]
 
 
 def evaluate(model, tok, problems, banks, args):
     """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem; choice 3),
-    and right_autonomous / right_with_routes: each problem's 0 or 1, in order, for paired comparisons."""
+    right_autonomous / right_with_routes: each problem's 0 or 1, in order, for paired comparisons; and
+    verdict_acc: the share of shown routes given the right verdict (sound or wrong) with routes."""
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
     free = bool(args.data)  # real data: free-form answers (domain.extract_answer)
-    right = {"autonomous": correct(model, tok, problems, [[]] * len(problems), args.max_new_tokens, free),
-             "with_routes": correct(model, tok, problems, shown, args.max_new_tokens, free)}
+    routes = {"autonomous": [[]] * len(problems), "with_routes": shown}
+    texts = {k: completions(model, tok, problems, r, args.max_new_tokens) for k, r in routes.items()}
+    right = {k: [D.check(mrpv.answer_of(t, free), p.answer) for t, p in zip(ts, problems)] for k, ts in texts.items()}
+    verdicts = [mrpv.reward(t, p, r).verdict for t, p, r in zip(texts["with_routes"], problems, shown) if r]
     return {**{f"acc_{k}": sum(r) / max(1, len(r)) for k, r in right.items()},
+            "verdict_acc": sum(verdicts) / len(verdicts) if verdicts else None,
             **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
 
 
@@ -266,7 +269,7 @@ def evaluate_and_log(model, tok, evals, args, path, step, **extra):
         acc = evaluate(model, tok, ps, bs, args)
         log(path, step=step, split=split, n=len(ps), **acc, **extra)  # acc: both accuracies and per-problem bits
         tqdm.write(f"{'' if step is None else f'step {step} '}{split} ({len(ps)} problems): "
-                   f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f}")
+                   f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f} verdict_acc {acc['verdict_acc'] or 0:.3f}")
 
 
 # ---- checkpoints and metrics ----

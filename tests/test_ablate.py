@@ -61,6 +61,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     for r in results:  # the table's numbers are the arm's own eval lines
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
         assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
+        assert r["verdict_acc"] == ev["verdict_acc"] and 0 <= r["verdict_acc"] <= 1
         assert r["right_autonomous"] == ev["right_autonomous"] and r["right_autonomous"].count("1") == 4 * r["acc_autonomous"]
         assert (r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0)) or r["arm"] == "grpo"
     grpo_row = next(r for r in results if r["arm"] == "grpo")  # no routes at all: every update autonomous
@@ -70,6 +71,8 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
     acc = {(r["arm"], r["split"]): r["acc_autonomous"] for r in results}  # the paired row: grpo minus its start
     assert "Each arm minus distill, paired by seed and problem" in table
+    start = next(r for r in results if r["arm"] == "distill" and r["split"] == "test")  # does the start read routes
+    assert f"The start, test: with routes minus alone {100 * (start['acc_with_routes'] - start['acc_autonomous']):+.1f} [" in table
     assert f"| grpo | 1 | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} [" in table
     assert "Each arm minus grpo" in table and "| 2.0 (" in table and "test 4, hard 4 problems" in table  # grpo's 2 autonomous updates
     assert len(lines(out / "seed0" / "grpo" / "metrics.jsonl")) == 2  # 2 rl steps, no in-loop eval

@@ -151,3 +151,24 @@ def test_distill_from_a_checkpoint_on_jsonl_data(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in rows if "split" in r] == ["eval"] and rows[0]["lr"] < 1e-4  # checkpoint default lr
     assert M.load_model(tmp_path / "run", "cpu").config.hidden_size == 32
+
+
+def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkeypatch):
+    """evaluate reads what the model wrote: right answers alone; with routes, the answer and the share of
+    shown routes given the right verdict. Here the 'model' calls every route sound and answers right
+    with routes, garbage alone."""
+    problems, banks = distill.embedded_set("dev", 6, R=3)
+    args = train.get_args(["--stage", "eval", "--init", "x"])
+
+    def completions(model, tok, ps, routes, max_new_tokens):
+        if not any(routes):
+            return ["sell A 2 : garbage"] * len(ps)
+        return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}" for p, r in zip(ps, routes)]
+
+    monkeypatch.setattr(train, "completions", completions)
+    acc = train.evaluate(None, None, problems, banks, args)
+    shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
+    sound = sum(r.correct for rs in shown for r in rs) / sum(len(rs) for rs in shown)
+    assert 0 < sound < 1 and acc["verdict_acc"] == pytest.approx(sound)
+    assert (acc["acc_autonomous"], acc["acc_with_routes"]) == (0, 1)
+    assert (acc["right_autonomous"], acc["right_with_routes"]) == ("000000", "111111")
