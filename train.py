@@ -11,9 +11,9 @@ checkpoints and metrics -> the distill stage -> torchrun helpers -> the RL stage
 The RL objective itself (advantages, the PPO-clip loss, the policy update) is grpo.py.
 
 Choices that are ours:
-1. Optimizer: AdamW (betas 0.9, 0.95), weight decay on matrices only, linear warm-up then cosine
-   decay to 10 % of the peak learning rate, gradient clipping at 1.0. Parameters stay in float32;
-   on CUDA the forward runs under bfloat16 autocast.
+1. Optimizer: AdamW (betas 0.9, 0.95), weight decay on matrices only, linear warm-up, gradient clipping at
+   1.0; then distill decays (cosine, to 10 % of the peak) and rl holds the peak, so that every arm's late,
+   autonomous updates get the same rate (RESULTS.md). float32 parameters; bfloat16 autocast on CUDA.
 2. The default distillation (3,000 teacher-written problems, 500 steps of 32, peak lr 1.4e-3) and the
    student's 8 heads (model.tiny_config) were chosen on dev for a start that depends less on the seed
    (RESULTS.md, "A stable start"). It lands near, not at, the ceiling: RL is left the chain's slips.
@@ -58,8 +58,8 @@ from rollout import generate, greedy
 
 # Per-stage defaults (choices 2 and 4), literal; `python train.py --stage rl --help` shows rl's.
 STAGE_DEFAULTS = {
-    "distill": dict(init="scratch", steps=500, lr=1.4e-3, warmup=30),
-    "rl": dict(init="out/distill", steps=120, lr=3e-5, warmup=3),
+    "distill": dict(init="scratch", steps=500, lr=1.4e-3, warmup=30, lr_schedule="cosine"),
+    "rl": dict(init="out/distill", steps=120, lr=3e-5, warmup=3, lr_schedule="constant"),
 }
 PRETRAINED_LR = {"distill": 1e-5, "rl": 1e-6}  # distill from a checkpoint --init, rl on --data (choice 4)
 SCRATCH_SHAPES = {"tiny": lambda vocab: M.tiny_config(vocab, max_position_embeddings=1024),
@@ -151,7 +151,7 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--steps", type=count, default=d["steps"], help=f"optimizer steps (default: {each('steps')})")
     g.add_argument("--lr", type=positive, default=d["lr"], help=f"peak learning rate (default: {each('lr')}; from a "
                    f"checkpoint: distill {PRETRAINED_LR['distill']}, rl on --data {PRETRAINED_LR['rl']})")
-    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after the warm-up")
+    g.add_argument("--lr-schedule", default=d["lr_schedule"], choices=["cosine", "constant"], help=f"after the warm-up (default: {each('lr_schedule')})")
     g.add_argument("--warmup", type=ranged(int, 0), default=d["warmup"], help=f"warm-up steps (default: {each('warmup')})")
     g.add_argument("--weight-decay", type=nonneg, default=0.1, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=nonneg, default=1.0, help="clip the gradient norm to this (0: off)")

@@ -77,3 +77,13 @@ def test_from_the_shell_one_line_on_stderr_and_exit_1(tmp_path):
                        capture_output=True, text=True)
     assert (p.returncode, p.stdout, p.stderr) == (1, "", "error: argument --steps: must be >= 1 (got -3)\n")
     assert not (tmp_path / "out").exists()  # the distill stage did not run first
+
+
+def test_each_stage_has_its_own_defaults():
+    """The distillation decays its learning rate, RL holds it (equal rates for every arm's updates); a flag wins."""
+    distill, rl = train.get_args(["--stage", "distill"]), train.get_args(["--stage", "rl"])
+    assert (distill.lr_schedule, distill.steps, distill.batch_size, distill.lr) == ("cosine", 500, 32, 1.4e-3)
+    assert (rl.lr_schedule, rl.steps, rl.fresh_problems) == ("constant", 120, False)
+    assert train.get_args(["--stage", "rl", "--lr-schedule", "cosine"]).lr_schedule == "cosine"
+    lrs = [train.lr_at(s, rl) for s in range(rl.steps)]
+    assert lrs[rl.warmup:] == [rl.lr] * (rl.steps - rl.warmup) and lrs[0] < rl.lr
