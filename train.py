@@ -20,10 +20,10 @@ Choices that are ours:
 3. Evaluation is greedy. acc_with_routes shows K routes drawn from the split's own route bank with
    the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
 4. RL defaults, chosen on the dev split of the embedded domain (RESULTS.md): 8 prompts x 8 samples a
-   step at temperature 0.7, lr 3e-5, 120 steps, EAAI cosine decay over the first 60 %. From a
-   pretrained checkpoint the peak learning rate is lower (distill 1e-5, rl on --data 1e-6).
-   On CUDA the rollouts sample from a bfloat16 copy of the float32 weights, so the first epoch's
-   ratio is 1 up to bfloat16 rounding (exactly 1 on CPU).
+   step at temperature 0.7, lr 3e-5, 120 steps, EAAI cosine decay over the first 60 %, the distilled
+   problems (--fresh-problems cost ReaLM 2 points on dev). From a pretrained checkpoint the peak
+   learning rate is lower (distill 1e-5, rl on --data 1e-6).
+   On CUDA rollouts sample from a bfloat16 copy of the weights: the first ratio is 1 up to rounding.
 5. Sampling seeds are per prompt and step, so torchrun's N processes sample what one process would.
 6. metrics.jsonl is strict JSON: a value that is not a finite number (the loss of a skipped step) is
    written as null; such a step has skipped_updates > 0.
@@ -338,7 +338,7 @@ def run_distill(args):
     if not args.data:  # what guidance buys: the embedded teacher with and without the rules
         acc = {g: sum(D.teacher_route(p, guided=g).correct for p in problems) / len(problems) for g in (True, False)}
         print(f"teacher accuracy on the {len(problems)} problems: {acc[True]:.1%} with the rules, {acc[False]:.1%} without them")
-    evals = eval_sets(args, ["dev", "test"])
+    evals = eval_sets(args, ["dev"])  # settings are chosen on dev; the eval stage gives test and hard
     print(f"distill: {'UNGUIDED' if args.unguided else 'guided'} teacher right on {distill.teacher_accuracy(banks):.1%} of "
           f"{len(problems)} problems -> {len(examples)} SFT examples ({args.mrpv_share:.0%} MRPV); student "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}; writing {out}/", flush=True)

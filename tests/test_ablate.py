@@ -113,3 +113,11 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
     msg = fails("--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
     assert msg.startswith("error: 1 run(s) failed and 1 did not start; first: ") and "no SFT example" in msg
     assert str(tmp_path / "c" / "seed0" / "distill.log") in msg and not (tmp_path / "c" / "results.jsonl").exists()
+
+
+def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path):
+    args, rest, _ = ablate.get_args(["--quick"])
+    assert (args.seeds, args.arms, args.splits) == (1, list(ablate.QUICK_ARMS), ["test"])
+    assert ablate.get_args([])[0].splits == ["test", "hard"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
+    runs = ablate.runs_of(args, rest, tmp_path)
+    assert [r.key[0] for r in sorted(runs, key=ablate.cost, reverse=True)] == ["guided", "cot-synth", "realm", "grpo", "distill"]

@@ -92,7 +92,7 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # the loss falls
     assert all({"step", "loss", "reward", "hint"} <= r.keys() for r in rows if "loss" in r)
     evals = [r for r in rows if "split" in r]
-    assert [(r["step"], r["split"]) for r in evals] == [(20, "dev"), (20, "test"), (40, "dev"), (40, "test")]
+    assert [(r["step"], r["split"]) for r in evals] == [(20, "dev"), (40, "dev")]  # test: the eval stage
     assert all(0 <= r["acc_autonomous"] <= 1 and 0 <= r["acc_with_routes"] <= 1 for r in evals)
     m, tok = M.load_model(out, "cpu"), M.load_tokenizer(out)
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
