@@ -269,7 +269,7 @@ def evaluate_and_log(model, tok, evals, args, path, step, **extra):
         acc = evaluate(model, tok, ps, bs, args)
         log(path, step=step, split=split, n=len(ps), **acc, **extra)  # acc: both accuracies and per-problem bits
         tqdm.write(f"{'' if step is None else f'step {step} '}{split} ({len(ps)} problems): "
-                   f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f} verdict_acc {acc['verdict_acc'] or 0:.3f}")
+                   f"acc_autonomous {acc['acc_autonomous']:.3f} acc_with_routes {acc['acc_with_routes']:.3f} verdict_acc {'-' if acc['verdict_acc'] is None else format(acc['verdict_acc'], '.3f')}")
 
 
 # ---- checkpoints and metrics ----
