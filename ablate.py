@@ -87,7 +87,8 @@ def get_args(argv):
     ap = parser()
     args, rest = ap.parse_known_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.eval_splits = args.eval_splits or ("test" if args.quick else "test,hard")
+    if args.eval_splits is None:
+        args.eval_splits = "test" if args.quick else "test,hard"
     args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
@@ -254,7 +255,7 @@ def record(out: Path, r: Run, seconds, threads):
         auto = [x["lr"] for x in steps if x["autonomous"] and not x["skipped_updates"]]
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
-                      **{k: row.get(k) for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
+                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])
@@ -327,7 +328,7 @@ def write_table(out: Path, args, rl, command):
     seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
     bits = lambda a, sp, k: {s: res[a, s, sp][f"right_{k}"] for s in done(a)}
-    verdict_accs = lambda a: [v for s in done(a) if (v := res[a, s, splits[0]].get("verdict_acc")) is not None]
+    verdict_accs = lambda a: [v for s in done(a) if (v := res[a, s, splits[0]].get("verdict_acc")) is not None]  # older lines lack it
     verdicts = lambda a: mean_std(verdict_accs(a)) if verdict_accs(a) else "-"
     n = {sp: "/".join(map(str, sorted({r["n"] for r in rows if r["split"] == sp}))) for sp in splits}  # one size each
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()

@@ -44,6 +44,7 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "rl", "--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
     (["--stage", "ablate", "--arms", "grpo,nope"], f"error: --arms: unknown arm(s) nope (known: {', '.join(ablate.ARMS)})"),
     (["--stage", "ablate", "--jobs", "0"], "error: argument --jobs: must be >= 1 (got 0)"),
+    (["--stage", "ablate", "--quick", "--eval-splits", ""], "error: --eval-splits: no split given (dev, test, hard)"),
     (["--stage", "ablate", "--temperature", "0"], "error: argument --temperature: must be > 0 (got 0)"),
 ]
 
