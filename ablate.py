@@ -93,7 +93,7 @@ def get_args(argv):
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise D.DataError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
-    args.splits = train.splits_of(args.eval_splits)
+    args.splits = D.eval_splits(args.eval_splits)
     set_here = [f for f in rest if f.split("=")[0] in SET_BY_ABLATE]
     if set_here:
         raise D.DataError(f"{set_here[0]}: the ablation sets it for each run (it runs on the embedded domain)")

@@ -13,7 +13,8 @@ prompt showing routes from the bank -> the teacher's MRPV response (verdicts, th
 
 Choices that are ours:
 1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route
-   (what R calls to it would return); its R negatives are distinct.
+   (what R calls to it would return), unless it is asked for variants (--diverse-routes: each sum in
+   either order); its R negatives are distinct.
 2. A checkpoint teacher is prompted "Rules : <rules>\\n<question>\\n" when guided and with the
    question alone when not; its routes are whatever it writes up to its end token.
 3. The SFT loss is the mean cross-entropy over all response tokens of the batch (a token mean, so
@@ -35,8 +36,9 @@ from rollout import generate
 
 # ---- the route bank ----
 
-def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True) -> list[D.Route]:
-    """Routes of the embedded teacher for one problem: R positives (copies, choice 1) and R negatives.
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False) -> list[D.Route]:
+    """Routes of the embedded teacher for one problem: R positives (copies, choice 1; diverse: each sum
+    written in either order, so right routes differ where the problem has sums) and R negatives.
     Unguided, the one route the rule-less teacher writes, labelled by its answer."""
     if not guided:
         return [D.teacher_route(problem, guided=False)]
@@ -47,14 +49,16 @@ def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool =
             negatives.append(neg)
         if len(negatives) == R:
             break
+    if diverse:
+        return [D.teacher_route(problem, variants=rng) for _ in range(R)] + negatives
     return [D.teacher_route(problem)] * R + negatives
 
 
-def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True):
+def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True, diverse: bool = False):
     """n problems of the embedded domain's split and the embedded teacher's route bank for each."""
     problems = D.split(split, n, seed)
     rng = random.Random(f"routes-{bank_seed}")
-    return problems, [embedded_bank(p, R, rng, guided) for p in problems]
+    return problems, [embedded_bank(p, R, rng, guided, diverse) for p in problems]
 
 
 def jsonl_set(path):
@@ -98,11 +102,12 @@ def teacher_accuracy(banks) -> float:
 # ---- SFT examples and loss ----
 
 def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: float, rng: random.Random,
-                 eaai_prompts=False):
+                 eaai_prompts=False, layout=mrpv.Layout(), keep_error=False):
     """(prompt ids, response ids) pairs: autonomous prompt -> a positive route; with probability
-    mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead.
-    eaai_prompts: the MRPV prompts show what EAAI will show during RL: 1..K routes, each cut to a
-    random prefix of its lines (mrpv.show), so RL's prompts are not new to the student.
+    mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead, laid out
+    as `layout` says. eaai_prompts: the MRPV prompts show what EAAI will show during RL: 1..K routes,
+    half of the time each cut to a random prefix of its lines (mrpv.show, with keep_error as EAAI's
+    fade uses it), so RL's prompts are not new to the student.
     Problems whose bank holds no positive route give no example."""
     out = []
     for p, bank in zip(problems, banks):
@@ -113,9 +118,9 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
         shown = []
         if rng.random() < mrpv_share:
             k, frac = (rng.randint(1, K), rng.choice([1.0, rng.random()])) if eaai_prompts else (K, 1.0)
-            shown = [mrpv.show(r, frac) for r in mrpv.select_routes(bank, k, neg_share, rng)]
-        prompt = mrpv.build_prompt(p, shown)
-        response = mrpv.teacher_response(shown, solution)
+            shown = [mrpv.show(r, frac, keep_error) for r in mrpv.select_routes(bank, k, neg_share, rng)]
+        prompt = mrpv.build_prompt(p, shown, layout)
+        response = mrpv.teacher_response(shown, solution, layout)
         out.append((encode_prompt(tok, prompt), tok.encode(response) + tok.eos_ids[:1]))
     return out
 

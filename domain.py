@@ -125,9 +125,10 @@ def apply(rules: Rules, event, v):
     return f"{v} + {add} = {v + add}", v + add
 
 
-def write_route(ledger, rules: Rules = EXPERT, slip=None) -> tuple[str, int]:
+def write_route(ledger, rules: Rules = EXPERT, slip=None, variants: random.Random | None = None) -> tuple[str, int]:
     """Write the route for a ledger under `rules` -> (text, final count). slip = (step, line, count)
-    replaces step `step` (0-based) with a wrong line and count; later steps follow on consistently."""
+    replaces step `step` (0-based) with a wrong line and count; later steps follow on consistently.
+    variants: each sum is written in either order ("5 + 3 = 8" or "3 + 5 = 8"), drawn from this RNG."""
     stock, events, asked = ledger
     v, lines = stock[asked], []
     for i, event in enumerate(events):
@@ -135,6 +136,8 @@ def write_route(ledger, rules: Rules = EXPERT, slip=None) -> tuple[str, int]:
             line, v = slip[1], slip[2]
         elif event[1] == asked:
             work, v = apply(rules, event, v)
+            if variants is not None and variants.random() < 0.5:
+                work = re.sub(r"^(\d+) \+ (\d+) =", r"\2 + \1 =", work)
             line = f"{event_text(event)} : {work} -> {asked} = {v}"
         else:
             line = f"{event_text(event)} : other -> {asked} = {v}"
@@ -169,6 +172,15 @@ def make_problem(rng: random.Random, d: Difficulty = Difficulty(), target: int |
     return Problem(question, str(answer), RULES, [], ledger)
 
 
+def eval_splits(text: str) -> list[str]:
+    """The value of train.py's --eval-splits: 'test,hard' -> ['test', 'hard'], refusing an unknown split, or none."""
+    splits = [s for s in text.split(",") if s]
+    bad = [s for s in splits if s not in EVAL_SIZES]
+    if bad or not splits:
+        raise DataError(f"--eval-splits: {f'unknown split {bad[0]!r}' if bad else 'no split given'} (dev, test, hard)")
+    return splits
+
+
 def split(name: str, n: int, seed: int = 0) -> list[Problem]:
     """n problems of a split, every answer 0..MAX_ANSWER equally often (so no constant guess beats
     1/21 by more than one problem). Each split draws from its own seed stream, so splits are disjoint
@@ -183,10 +195,10 @@ def split(name: str, n: int, seed: int = 0) -> list[Problem]:
 
 # ---- teachers ----
 
-def teacher_route(problem: Problem, guided: bool = True) -> Route:
+def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None) -> Route:
     """The programmatic teacher: told the rules (guided) it is always right; without them it applies
-    GUESSED, right only where no rule it guesses wrong comes into play."""
-    text, answer = write_route(problem.ledger, EXPERT if guided else GUESSED)
+    GUESSED, right only where no rule it guesses wrong comes into play. variants: see write_route."""
+    text, answer = write_route(problem.ledger, EXPERT if guided else GUESSED, variants=variants)
     return Route(text, check(str(answer), problem.answer))
 
 

@@ -6,7 +6,8 @@ One RL step, for G prompts with n samples each (TRL's names in brackets):
                    log pi_old(o_i,t | q, o_i,<t) per token (rollout.generate returns them)
     2. reward      r_i = mrpv.reward(o_i, ...).total                  (mrpv.py)
     3. advantage   A_i = (r_i - mean_j r_j) / (std_j r_j + eps)   over the n samples of q's group
-                   [scale_rewards; without the std: Dr. GRPO]. Every token of o_i shares A_i.
+                   [scale_rewards; without the std: Dr. GRPO]. Every token of o_i shares A_i;
+                   or, per component (choice 5), A_i,t from the rewards that concern token t.
     4. ratio       rho_i,t = exp(log pi(o_i,t) - log pi_old(o_i,t)), from a training forward over
                    prompt + completion, log_softmax(logits / temperature) (the sampler's quantity)
     5. loss        l_i,t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
@@ -31,6 +32,11 @@ Choices that are ours:
    per tensor, not overlapped with the backward) after each process scaled its loss by its share of
    the global minibatch.
 4. Parameters stay in float32; on CUDA the forward runs under bfloat16 autocast.
+5. Advantages per component (train.py --advantages component): each reward component c is normalised
+   in its group on its own, A^c_i = group_advantages(r^c); a token gets the weighted mean of the
+   components that concern its line: on verdict lines verdict, step and format; on every other line
+   (the model's own steps and answer) answer, chain and format. So the answer's weight on the chain is
+   fixed whatever is shown, and verdict luck never pushes the chain's tokens.
 """
 
 import math
@@ -51,6 +57,34 @@ def group_advantages(rewards, n, scale=True, eps=1e-4):
     if scale:
         a = a / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
     return a.flatten()  # (G * n,)
+
+
+def component_advantages(parts, weights, n, scale=True):
+    """parts: {component: rewards (G * n,) with NaN where it does not apply}; weights: {component: w}.
+    -> {component: advantages (G * n,)}, 0 where the component does not apply (choice 5)."""
+    out = {}
+    for c, r in parts.items():
+        if weights.get(c, 0) > 0 and not torch.isnan(r).all():
+            out[c] = torch.nan_to_num(group_advantages(r, n, scale), nan=0.0)  # (G * n,)
+    return out
+
+
+def per_token_advantages(rewards, weights, on_verdict, n, scale=True):
+    """rewards: mrpv.Reward per sample (groups of n adjacent); weights: {component: w}; on_verdict: per sample, per token, whether the token
+    lies on a verdict line -> per sample, a list of per-token advantages (choice 5)."""
+    nan = float("nan")
+    parts = {c: torch.tensor([nan if getattr(r, c) is None else getattr(r, c) for r in rewards]) for c in weights}
+    adv = component_advantages(parts, weights, n, scale)
+    return [token_advantages(adv, weights, i, v) for i, v in enumerate(on_verdict)]
+
+
+def token_advantages(adv, weights, i, on_verdict):
+    """Sample i's per-token advantages: on_verdict[t] says whether token t lies on a verdict line (choice 5)."""
+    def mix(cs):
+        cs = [c for c in cs if c in adv]
+        return sum(weights[c] * float(adv[c][i]) for c in cs) / sum(weights[c] for c in cs) if cs else 0.0
+    a_verdict, a_chain = mix(("verdict", "step", "format")), mix(("answer", "chain", "format"))
+    return [a_verdict if v else a_chain for v in on_verdict]
 
 
 # ---- 4. the training forward's log-probs ----
@@ -77,9 +111,9 @@ def sequence_logprobs(model, prompts, completions, pad_id, temperature=1.0):
 
 def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, ref_logp=None, loss_type="token"):
     """The PPO-clip surrogate with group-relative advantages. logp, old_logp, ref_logp, mask: (N, L);
-    adv: (N,). Returns the loss to minimise and a dict of statistics."""
+    adv: (N,), or (N, L) per token. Returns the loss to minimise and a dict of statistics."""
     ratio = torch.exp(logp - old_logp)  # (N, L); exactly 1 at the first epoch on-policy
-    A = adv[:, None]  # (N, 1): every token of a sample shares its advantage
+    A = adv[:, None] if adv.dim() == 1 else adv  # (N, 1): every token of a sample shares its advantage; or (N, L)
     per_token = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (N, L), sign: minimise
     kl = torch.zeros_like(logp)  # (N, L)
     if beta > 0:
@@ -184,7 +218,9 @@ def minibatch_loss(model, ref, part, n, args, pad_id):
         old = torch.zeros_like(logp)  # (m, L): the sampler's log-probs, right-padded
         for k, e in enumerate(micro):
             old[k, :len(e[2])] = torch.tensor(e[2], device=device)
-        adv = torch.tensor([e[3] for e in micro], device=device)  # (m,)
+        adv = torch.zeros_like(logp)  # (m, L): each token's advantage (one per sample, or per token, choice 5)
+        for k, e in enumerate(micro):
+            adv[k, :len(e[1])] = torch.as_tensor(e[3], device=device)
         loss, st = grpo_loss(logp, old, adv, mask, args.epsilon, args.epsilon_high, args.beta, ref_logp, args.loss_type)
         share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n  # this micro-batch's part of the mean
         (loss * share).backward()
@@ -195,8 +231,8 @@ def minibatch_loss(model, ref, part, n, args, pad_id):
 
 
 def policy_update(model, ref, opt, batch, args, world, pad_id):
-    """The PPO-clip update over one step's samples. batch: (prompt, completion, old log-probs, advantage,
-    group) per sample of this process; ref: the frozen reference model or None (beta = 0).
+    """The PPO-clip update over one step's samples. batch: (prompt, completion, old log-probs, advantage
+    (one float, or a list with one per completion token), group) per sample of this process; ref: the frozen reference model or None (beta = 0).
     Returns (mean loss, stats, optimizer steps skipped as not finite)."""
     device = model.lm_head.weight.device
     M = args.num_minibatches

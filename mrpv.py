@@ -3,9 +3,9 @@ routes, some right and some wrong, says of each whether its process is sound and
 goes wrong, then reasons itself and answers. It is rewarded for the answer AND for its verdicts, so
 it learns from wrong routes too (rejection-sampling fine-tuning would throw them away).
 
-Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed):
+Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed); by default the
+routes come first and the question last (choice 5):
 
-    Stock : A = 3 , B = 5 . Events : restock B ; sell B 9 . How many B ?
     Route 1 :
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 9 > 10 no sale -> B = 10
@@ -14,14 +14,20 @@ Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 10 - 9 = 1 -> B = 1
     Answer : 1
+    Stock : A = 3 , B = 5 . Events : restock B ; sell B 9 . How many B ?
 
-Response: one verdict line per shown route, in order, then the model's own steps, then the answer:
+Response, solve-then-verify (the default, choice 5): the model's own steps and answer, then one
+verdict line per shown route, in order, where "wrong at step k" names the route's first line that
+disagrees with a sound chain:
 
-    Route 1 : wrong at step 2
-    Route 2 : sound
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 10 - 9 = 1 -> B = 1
     Answer : 1
+    Route 1 : wrong at step 2
+    Route 2 : sound
+
+Verify-then-solve (Layout order "verify-solve") puts the verdict lines first, before any reasoning,
+and the question before the routes (question_last False) is the other prompt layout.
 
 With no route shown, the prompt is exactly the autonomous prompt ("<question>\\n") and the response
 is the steps and the answer alone: one policy serves both modes.
@@ -38,6 +44,19 @@ Choices that are ours (the paper does not fix them):
    format (reward 0 for format), so hedging with several answers never pays.
 4. The number of wrong routes among k shown is Binomial(k, neg_share), so all-wrong and all-right
    sets both occur and following the majority is not a winning strategy.
+5. The layout (`Layout`): solve-then-verify (the default) or verify-then-solve; the question after
+   the routes (the default), so that the model's own steps start right after the question as they do
+   with no route shown, or before them; routes shown with their answer lines (the default) or without
+   them, so that a verdict needs the route's process and not only its final line. The two defaults
+   were chosen on dev over three seeds (RESULTS.md, "A cold start that reads routes"): the distilled
+   student's accuracy with routes rose from 13.8 to 68.9 % (alone 92.4 %).
+6. Consistency (Weights.consistent, off by default): a verdict on a route whose answer line is shown
+   earns credit (verdict and step) only when it agrees with the model's own answer: "sound" when the
+   route reaches the same answer, "wrong" when it does not. A verdict that is right about the route
+   but contradicts the model's own answer earns nothing.
+7. keep_error (`show`, used by EAAI's sequential fade): a wrong route shown in part is cut no earlier
+   than its first wrong step, so it stays wrong; then "always sound" and "always wrong" each earn the
+   share of routes of that kind (Binomial, choice 4: a half), never more than chance.
 """
 
 import math
@@ -66,21 +85,48 @@ def select_routes(bank: list[Route], k: int, neg_share: float, rng: random.Rando
     return chosen
 
 
-def show(route: Route, frac: float) -> Route:
-    """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one), the
-    answer line only when the whole route is shown; labelled by what is shown (choice 2)."""
+def show(route: Route, frac: float, keep_error: bool = False) -> Route:
+    """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one; with
+    keep_error at least up to a wrong route's first wrong step, choice 7), the answer line only when the
+    whole route is shown; labelled by what is shown (choice 2)."""
     lines = route.text.split("\n")
     steps = [x for x in lines if not ANSWER.fullmatch(x.strip())]
     m = max(1, math.ceil(frac * len(steps)))
+    if keep_error and route.first_wrong:
+        m = max(m, route.first_wrong)
     if frac >= 1 or m >= len(steps) or (not route.correct and route.first_wrong is None):
         return route
     wrong_shown = route.first_wrong is not None and route.first_wrong <= m
     return Route("\n".join(steps[:m]), not wrong_shown, route.first_wrong if wrong_shown else None)
 
 
-def build_prompt(problem: Problem, routes: list[Route]) -> str:
-    """The question, then each shown route under "Route k :". No routes: the autonomous prompt."""
-    return problem.question + "\n" + "".join(f"Route {k} :\n{r.text}\n" for k, r in enumerate(routes, 1))
+ORDERS = ("verify-solve", "solve-verify")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an MRPV prompt and its response are laid out (choice 5)."""
+    order: str = "solve-verify"  # own steps and answer, then verdicts; or "verify-solve"
+    route_answers: bool = True  # show each route's answer line (False: its step lines alone)
+    question_last: bool = True  # the routes, then the question (True), or the question first
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"MRPV order {self.order!r} is not one of {', '.join(ORDERS)}")
+
+
+def route_text(route: Route, layout: Layout) -> str:
+    """A shown route's text in the prompt: whole, or without its answer line."""
+    if layout.route_answers:
+        return route.text
+    return "\n".join(x for x in route.text.split("\n") if not ANSWER.fullmatch(x.strip()))
+
+
+def build_prompt(problem: Problem, routes: list[Route], layout: Layout = Layout()) -> str:
+    """The question, then each shown route under "Route k :" (question_last: the routes, then the
+    question). No routes: the autonomous prompt."""
+    shown = "".join(f"Route {k} :\n{route_text(r, layout)}\n" for k, r in enumerate(routes, 1))
+    return shown + problem.question + "\n" if layout.question_last else problem.question + "\n" + shown
 
 
 def verdict_line(k: int, route: Route) -> str:
@@ -89,10 +135,11 @@ def verdict_line(k: int, route: Route) -> str:
     return f"Route {k} : wrong at step {route.first_wrong}" if route.first_wrong else f"Route {k} : wrong"
 
 
-def teacher_response(routes: list[Route], solution: str) -> str:
+def teacher_response(routes: list[Route], solution: str, layout: Layout = Layout()) -> str:
     """The response a teacher that knows each route's label writes: verdicts, then its own solution
-    (step lines and the answer line)."""
-    return "".join(verdict_line(k, r) + "\n" for k, r in enumerate(routes, 1)) + solution
+    (step lines and the answer line); or, solve-verify, the solution first."""
+    verdicts = "".join(verdict_line(k, r) + "\n" for k, r in enumerate(routes, 1))
+    return solution + "\n" + verdicts.rstrip("\n") if layout.order == "solve-verify" and routes else verdicts + solution
 
 
 # ---- parsing a completion ----
@@ -128,6 +175,18 @@ def parse(completion) -> Parsed:
     return Parsed(verdicts, answer, "".join(layout), order, steps)
 
 
+def on_verdict_lines(pieces: list[str]) -> list[bool]:
+    """pieces: the decoded text of each token of a completion -> whether each token starts on a verdict line
+    (grpo.token_advantages). A token that holds a newline belongs to the line it ends."""
+    lines = "".join(pieces).split("\n")
+    is_verdict = [VERDICT.fullmatch(x.strip()) is not None for x in lines]
+    out, line = [], 0
+    for piece in pieces:
+        out.append(is_verdict[line])
+        line += piece.count("\n")
+    return out
+
+
 def answer_of(completion, free_form=False, parsed=None):
     """The completion's answer: its answer line; with free_form, else what domain.extract_answer finds."""
     a = (parsed or parse(completion)).answer
@@ -143,7 +202,11 @@ class Weights:
     step: float = 0.5  # 0 turns the process part (first-wrong-step localisation) off
     format: float = 0.1
     chain: float = 0.0  # our addition (train.py --reward steps): credit for the model's own chain, per line
+    consistent: bool = False  # choice 6: verdict credit only when the verdict agrees with the model's own answer
     gate: bool = False  # our option: a completion without one verdict per shown route scores 0 in total
+
+
+PARTS = ("answer", "verdict", "step", "format", "chain")  # the components of a Reward, weighted by Weights
 
 
 @dataclass
@@ -157,7 +220,7 @@ class Reward:
 
 
 def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), reference: str | None = None,
-           free_form: bool = False) -> Reward:
+           free_form: bool = False, layout: Layout = Layout()) -> Reward:
     """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`). With a
     reference route and w.chain > 0, chain = the share of the reference's step lines that the
     completion's own step lines reproduce at the same place (not part of the paper; our option).
@@ -165,16 +228,22 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
     (\\boxed{}, ####, the last number); the format reward still asks for the answer line."""
     p = parse(completion)
     K = len(routes)
-    answer = float(check(answer_of(completion, free_form, p), problem.answer))
+    mine = answer_of(completion, free_form, p)
+    answer = float(check(mine, problem.answer))
     verdict = step = None
     if K:
         said = [p.verdicts.get(k, "missing") for k in range(1, K + 1)]
-        verdict = sum(s != "missing" and (s is None) == r.correct for s, r in zip(said, routes)) / K
-        located = [(s, r.first_wrong) for s, r in zip(said, routes) if not r.correct and r.first_wrong]
+        ok = [s != "missing" and (s is None) == r.correct for s, r in zip(said, routes)]
+        if w.consistent:  # choice 6: "sound" only for a route reaching the model's own answer, "wrong" otherwise
+            theirs = [parse(route_text(r, layout)).answer for r in routes]
+            ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine))) for o, s, a in zip(ok, said, theirs)]
+        verdict = sum(ok) / K
+        located = [(s == r.first_wrong and o) for s, r, o in zip(said, routes, ok) if not r.correct and r.first_wrong]
         if located and w.step > 0:
-            step = sum(s == fw for s, fw in located) / len(located)
+            step = sum(located) / len(located)
     one_each = p.verdict_order == list(range(1, K + 1))
-    fmt = float(one_each and re.fullmatch(f"V{{{K}}}S+A", p.layout) is not None and p.answer is not None)
+    shape = f"S+AV{{{K}}}" if layout.order == "solve-verify" and K else f"V{{{K}}}S+A"
+    fmt = float(one_each and re.fullmatch(shape, p.layout) is not None and p.answer is not None)
     chain = None
     if reference is not None and w.chain > 0:
         ref = [x.strip() for x in reference.split("\n") if x.strip() and not ANSWER.fullmatch(x.strip())]

@@ -92,8 +92,7 @@ def parser(stage=None, pretrained=False):
     d = {**dict.fromkeys(STAGE_DEFAULTS["rl"]), **STAGE_DEFAULTS.get(stage, {})}
     d["lr"] = PRETRAINED_LR[stage] if pretrained else d["lr"]
     each = lambda k: ", ".join(f"{s} {v[k]}" for s, v in STAGE_DEFAULTS.items() if v[k])
-    ap = Parser(description="ReaLM: distill, RL-train and evaluate a small model (--stage ablate: see ablate.py).",
-                allow_abbrev=False)
+    ap = Parser(description="ReaLM: distill, RL-train and evaluate a small model (--stage ablate: see ablate.py).", allow_abbrev=False)
     g = ap.add_argument_group("run")
     g.add_argument("--stage", choices=["distill", "rl", "eval", "ablate"], required=True, help="what to run")
     g.add_argument("--out", help="run folder (default out/<stage>; eval: the --init folder)")
@@ -116,10 +115,15 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--unguided", action="store_true", help="distil from the teacher WITHOUT the rules (the baseline)")
     g.add_argument("--batch-size", type=count, default=32, help="SFT sequences per optimizer step")
     g.add_argument("--R", type=count, default=3, help="positive and negative routes per problem in the route bank, each")
+    g.add_argument("--diverse-routes", action=argparse.BooleanOptionalAction, default=False, help="embedded teacher: right routes write sums in either order")
     g.add_argument("--mrpv-share", type=share, default=0.1, help="share of SFT examples in the MRPV format")
     g.add_argument("--sft-eaai", action=argparse.BooleanOptionalAction, default=False, help="MRPV SFT examples show 1..K routes, partly")
     g.add_argument("--K", type=count, default=3, help="routes shown in an MRPV prompt")
     g.add_argument("--neg-share", type=share, default=0.5, help="expected share of wrong routes among those shown")
+    g.add_argument("--order", default="solve-verify", choices=mrpv.ORDERS, help="MRPV response: own steps and answer first, or verdicts first")
+    g.add_argument("--route-answers", action=argparse.BooleanOptionalAction, default=True, help="show each route's answer line")
+    g.add_argument("--question-last", action=argparse.BooleanOptionalAction, default=True, help="MRPV prompt: the routes, then the question")
+    g.add_argument("--keep-errors", action=argparse.BooleanOptionalAction, default=False, help="a wrong route shown in part keeps its error")
     g = ap.add_argument_group("rl")  # GRPO; flag names follow TRL's where one exists
     g.add_argument("--num-generations", type=count, default=8, help="samples per prompt (the group; at least 2 for grpo)")
     g.add_argument("--prompts-per-step", type=count, default=8, help="prompts per optimizer step")
@@ -129,24 +133,25 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--beta", type=nonneg, default=0.0, help="k3 KL coefficient to the frozen start (0: no reference model is loaded)")
     g.add_argument("--loss-type", default="token", choices=["token", "sequence"], help="token mean over the batch, or per-sequence mean then batch mean")
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True, help="divide advantages by the group's std (--no-scale-rewards: Dr. GRPO)")
+    g.add_argument("--advantages", default="sample", choices=["sample", "component"], help="one per sample, or per reward component and token (grpo.py)")
     g.add_argument("--mu", type=count, default=1, help="PPO epochs over each batch of samples (1 with one minibatch: exactly on-policy)")
     g.add_argument("--num-minibatches", type=count, default=1, help="optimizer steps per epoch, each over a share of the groups")
     g.add_argument("--algo", default="grpo", choices=["grpo", "rft"], help="grpo, or rft: fine-tune on the policy's own right answers")
     g.add_argument("--routes", default="mrpv", choices=["mrpv", "none"], help="show external routes (MRPV) or never (plain GRPO)")
     g.add_argument("--fresh-problems", action=argparse.BooleanOptionalAction, default=False, help="draw from --budget problems the distillation never saw")
     g.add_argument("--no-anneal", action="store_true", help="routes at full signal all along (CoT-Synthesizer style)")
-    g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"],
-                   help="mrpv: answer + verdicts + step + format; answer: answer + format; steps: mrpv + credit per line of "
-                   "its own chain matching a right route (our addition)")
+    g.add_argument("--reward", default="mrpv", choices=["mrpv", "answer", "steps"], help="mrpv: answer + verdicts + step + format; "
+                   "answer: answer + format; steps: mrpv + credit per line of its own chain matching a right route (our addition)")
     g.add_argument("--w-verdict", type=nonneg, default=0.5, help="weight of the verdict reward")
     g.add_argument("--w-step", type=nonneg, default=0.5, help="weight of the first-wrong-step reward (0: off)")
     g.add_argument("--w-format", type=nonneg, default=0.1, help="weight of the format reward")
     g.add_argument("--verdict-gate", action=argparse.BooleanOptionalAction, default=False, help="no verdict on a shown route: reward 0")
+    g.add_argument("--consistent", action=argparse.BooleanOptionalAction, default=False, help="verdict credit only when it agrees with the own answer")
     g.add_argument("--eaai-shape", default="cosine", choices=eaai.SHAPES, help="shape of the EAAI decay")
     g.add_argument("--eaai-hold", type=share, default=0.0, help="share of steps at full signal before the decay")
     g.add_argument("--eaai-decay", type=share, default=0.6, help="share of steps over which the signal decays to 0")
-    g.add_argument("--eaai-partial", action=argparse.BooleanOptionalAction, default=True,
-                   help="as h decays, show the first h share of each route (--no-eaai-partial: whole routes, fewer, on fewer prompts)")
+    g.add_argument("--eaai-partial", action=argparse.BooleanOptionalAction, default=True, help="as h decays, show a prefix of each route (else whole)")
+    g.add_argument("--eaai-fade", default="together", choices=eaai.FADES, help="show, count and prefix fade together, or one after another")
     g = ap.add_argument_group("optimization")
     g.add_argument("--steps", type=count, default=d["steps"], help=f"optimizer steps (default: {each('steps')})")
     g.add_argument("--lr", type=positive, default=d["lr"], help=f"peak learning rate (default: {each('lr')}; from a "
@@ -189,7 +194,7 @@ def check_args(a):
     for bad, name, what in checks:
         if bad:
             raise D.DataError(f"--{name.replace('_', '-')} {what} (got {getattr(a, name)})")
-    splits_of(a.eval_splits)
+    D.eval_splits(a.eval_splits)
     try:
         pick_device(a.device)
     except RuntimeError:
@@ -215,49 +220,40 @@ def train_set(args):
     """Problems with their route banks: the routes of a JSONL file, or the embedded domain's teacher."""
     if args.data:
         return distill.jsonl_set(args.data)
-    return distill.embedded_set("train", args.budget, args.R, args.seed, args.seed, guided=not args.unguided)
+    return distill.embedded_set("train", args.budget, args.R, args.seed, args.seed, not args.unguided, args.diverse_routes)
 
 
 def eval_sets(args, splits):
-    """{split: (problems, banks)}: the --eval-data file, none for --data without one, else the embedded
-    domain's splits (with fixed seeds, whatever --seed is)."""
+    """{split: (problems, banks)}: the --eval-data file; none for --data without one; else the embedded splits (fixed seeds)."""
     if args.eval_data:
         return {"eval": distill.jsonl_set(args.eval_data)}
     if args.data or args.eval_n == 0:
         return {}
-    return {s: distill.embedded_set(s, D.EVAL_SIZES[s] if args.eval_n is None else args.eval_n, args.R, bank_seed=1000)
+    return {s: distill.embedded_set(s, D.EVAL_SIZES[s] if args.eval_n is None else args.eval_n, args.R, 0, 1000, True, args.diverse_routes)
             for s in splits}
-
-
-def splits_of(text):
-    """'test,hard' -> ['test', 'hard'], refusing a split the embedded domain does not have."""
-    splits = [s for s in text.split(",") if s]
-    for s in splits:
-        if s not in ("dev", "test", "hard"):
-            raise D.DataError(f"--eval-splits: unknown split {s!r} (dev, test, hard)")
-    if not splits:
-        raise D.DataError("--eval-splits: no split given (dev, test, hard)")
-    return splits
 
 
 # ---- evaluation ----
 
-def completions(model, tok, problems, routes, max_new_tokens):
+def layout(args):  # the MRPV prompt and response layout of the flags
+    return mrpv.Layout(args.order, args.route_answers, args.question_last)
+
+
+def completions(model, tok, problems, routes, max_new_tokens, layout=mrpv.Layout()):
     """The greedy completion of each problem's prompt showing `routes[i]` (empty: autonomous)."""
-    prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r)) for p, r in zip(problems, routes)]
+    prompts = [distill.encode_prompt(tok, mrpv.build_prompt(p, r, layout)) for p, r in zip(problems, routes)]
     return [tok.decode(o) for o in greedy(model, prompts, max_new_tokens, tok.eos_ids, tok.pad_id)]
 
 
 def evaluate(model, tok, problems, banks, args):
-    """acc_autonomous (no routes) and acc_with_routes (K routes from the bank, seeded per problem; choice 3),
-    right_autonomous / right_with_routes: each problem's 0 or 1, in order, for paired comparisons; and
-    verdict_acc: the share of shown routes given the right verdict (sound or wrong) with routes."""
+    """acc_autonomous (no routes), acc_with_routes (K routes from the bank, seeded per problem; choice 3), each
+    problem's 0 / 1 (right_*, for paired comparisons) and verdict_acc (share of shown routes judged right)."""
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
-    free = bool(args.data)  # real data: free-form answers (domain.extract_answer)
     routes = {"autonomous": [[]] * len(problems), "with_routes": shown}
-    texts = {k: completions(model, tok, problems, r, args.max_new_tokens) for k, r in routes.items()}
-    right = {k: [D.check(mrpv.answer_of(t, free), p.answer) for t, p in zip(ts, problems)] for k, ts in texts.items()}
-    verdicts = [mrpv.reward(t, p, r).verdict for t, p, r in zip(texts["with_routes"], problems, shown) if r]
+    texts = {k: completions(model, tok, problems, r, args.max_new_tokens, layout(args)) for k, r in routes.items()}
+    right = {k: [D.check(mrpv.answer_of(t, bool(args.data)), p.answer) for t, p in zip(ts, problems)]  # --data: free-form answers
+             for k, ts in texts.items()}
+    verdicts = [mrpv.reward(t, p, r, layout=layout(args)).verdict for t, p, r in zip(texts["with_routes"], problems, shown) if r]
     return {**{f"acc_{k}": sum(r) / max(1, len(r)) for k, r in right.items()},
             "verdict_acc": sum(verdicts) / len(verdicts) if verdicts else None,
             **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
@@ -332,12 +328,12 @@ def run_distill(args):
     model, tok = load_student(args, device)
     problems, banks = train_set(args)
     rng = random.Random(args.seed)
-    examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng, args.sft_eaai)
+    examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng, args.sft_eaai,
+                                    layout(args), args.keep_errors)
     if not examples:
         raise D.DataError("no SFT example: no problem has a positive (correct) route")
-    if not args.data:  # what guidance buys: the embedded teacher with and without the rules
-        acc = {g: sum(D.teacher_route(p, guided=g).correct for p in problems) / len(problems) for g in (True, False)}
-        print(f"teacher accuracy on the {len(problems)} problems: {acc[True]:.1%} with the rules, {acc[False]:.1%} without them")
+    if not args.data:  # what guidance buys: the embedded teacher without the rules
+        print(f"without the rules the teacher is right on {sum(D.teacher_route(p, False).correct for p in problems) / len(problems):.1%}")
     evals = eval_sets(args, ["dev"])  # settings are chosen on dev; the eval stage gives test and hard
     print(f"distill: {'UNGUIDED' if args.unguided else 'guided'} teacher right on {distill.teacher_accuracy(banks):.1%} of "
           f"{len(problems)} problems -> {len(examples)} SFT examples ({args.mrpv_share:.0%} MRPV); student "
@@ -401,7 +397,7 @@ def rl_start(args, device):
         run_distill(get_args(["--stage", "distill", "--device", args.device, "--seed", str(args.seed)]))
     model, tok = load_student(args, device)
     if args.fresh_problems:  # problems the distillation never saw, routes from the same teacher (a larger budget)
-        return model, tok, *distill.embedded_set("fresh", args.budget, args.R, args.seed, args.seed, not args.unguided)
+        return model, tok, *distill.embedded_set("fresh", args.budget, args.R, args.seed, args.seed, not args.unguided, args.diverse_routes)
     bank = Path(args.init) / "routes.jsonl"
     if args.data or (args.init != "scratch" and bank.is_file()):
         return model, tok, *distill.jsonl_set(args.data or bank)
@@ -436,10 +432,10 @@ def rl_setup(args, out, state, rank, device) -> RLRun:
     sampler = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False) if device.type == "cuda" else model
     hold = args.steps if args.no_anneal else round(args.eaai_hold * args.steps)
     schedule = eaai.Schedule(args.eaai_shape, hold, round(args.eaai_decay * args.steps))
-    annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, seed=args.seed, vary_length=args.eaai_partial)
+    annealer = eaai.Annealer(schedule, args.K if args.routes == "mrpv" else 0, args.seed, vary_length=args.eaai_partial, fade=args.eaai_fade)
     answer_only = args.reward == "answer"
     weights = mrpv.Weights(verdict=0.0 if answer_only else args.w_verdict, step=0.0 if answer_only else args.w_step,
-                           format=args.w_format, chain=1.0 if args.reward == "steps" else 0.0, gate=args.verdict_gate)
+                           format=args.w_format, chain=1.0 if args.reward == "steps" else 0.0, gate=args.verdict_gate, consistent=args.consistent)
     evals = eval_sets(args, ["dev", "test"]) if rank == 0 else {}
     run = RLRun(model, sampler, ref, tok, problems, banks, annealer, weights, make_optimizer(model, args),
                 random.Random(args.seed), evals)
@@ -457,7 +453,7 @@ def rl_prompts(step, run: RLRun, args):
     Every process draws the same batch (same seeds) and then keeps its own share."""
     idx = [run.rng.randrange(len(run.problems)) for _ in range(args.prompts_per_step)]
     hints = [run.annealer.hint(step) for _ in idx]
-    shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(run.banks[i], h.k, args.neg_share, run.rng)] if h.show else []
+    shown = [[mrpv.show(r, h.frac, args.keep_errors) for r in mrpv.select_routes(run.banks[i], h.k, args.neg_share, run.rng)] if h.show else []
              for i, h in zip(idx, hints)]
     return idx, shown
 
@@ -470,9 +466,13 @@ def score(run: RLRun, samples, prompts, picked, shown, groups, args):
         i, routes = picked[s.prompt_index], shown[s.prompt_index]
         reference = next((r.text for r in run.banks[i] if r.correct), None)  # a right route, for --reward steps
         rewards.append(mrpv.reward(run.tok.decode(s.tokens), run.problems[i], routes, run.weights, reference,
-                                   free_form=bool(args.data)))
+                                   free_form=bool(args.data), layout=layout(args)))
     if args.algo == "rft":  # fine-tune on the policy's own right answers: advantage 1 each, the rest dropped
         adv = [1.0 if r.answer == 1 else None for r in rewards]
+    elif args.advantages == "component":  # per component, per token (grpo.py choice 5)
+        on_verdict = [mrpv.on_verdict_lines([run.tok.decode([t]) for t in s.tokens]) for s in samples]
+        w = {c: getattr(run.weights, c) for c in mrpv.PARTS}  # each component's weight
+        adv = grpo.per_token_advantages(rewards, w, on_verdict, args.num_generations, args.scale_rewards)
     else:
         adv = grpo.group_advantages(torch.tensor([r.total for r in rewards]), args.num_generations, args.scale_rewards).tolist()
     batch = [(prompts[s.prompt_index], s.tokens, s.logprobs, a, groups[s.prompt_index])
@@ -532,7 +532,7 @@ def run_rl(args):
         # 1. the step's prompts, each with the routes EAAI lets it show; this process samples groups `mine`
         idx, shown = rl_prompts(step, run, args)
         mine = list(range(rank, len(idx), world))
-        prompts = [distill.encode_prompt(run.tok, mrpv.build_prompt(run.problems[idx[g]], shown[g])) for g in mine]
+        prompts = [distill.encode_prompt(run.tok, mrpv.build_prompt(run.problems[idx[g]], shown[g], layout(args))) for g in mine]
         # 2. n samples per prompt with the sampler's log-probs (seeds per prompt: independent of the split, choice 5)
         run.sampler.eval()
         samples = generate(run.sampler, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -575,7 +575,7 @@ def run_eval(args):
         raise D.DataError("--stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)")
     device = pick_device(args.device)
     model, tok = M.load_model(args.init, device), M.load_tokenizer(args.init)
-    sets = eval_sets(args, splits_of(args.eval_splits))
+    sets = eval_sets(args, D.eval_splits(args.eval_splits))
     if not sets:
         raise D.DataError("--stage eval with --data needs --eval-data FILE (the problems to evaluate on)")
     out = Path(args.out or args.init)

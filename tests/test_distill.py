@@ -55,6 +55,19 @@ def test_route_bank_round_trips_through_jsonl(tmp_path):
     assert distill.teacher_accuracy(banks) == 1.0 and distill.teacher_accuracy(unguided) < 0.5
 
 
+def test_diverse_right_routes_differ_and_stay_right():
+    import re
+    problems, banks = distill.embedded_set("train", 100, R=3, diverse=True)
+    rights = [[r for r in b if r.correct] for b in banks]
+    assert all(len(r) == 3 and all(D.check(mrpv.parse(x.text).answer, p.answer) for x in r) for p, r in zip(problems, rights))
+    assert sum(len({x.text for x in r}) > 1 for r in rights) > 50  # most problems hold two or more distinct right routes
+    for r in rights:
+        for line in "\n".join(x.text for x in r).split("\n"):
+            if m := re.search(r"(\d+) \+ (\d+) = (\d+)", line):
+                assert int(m[1]) + int(m[2]) == int(m[3])
+    assert all(len({x.text for x in b if x.correct}) == 1 for b in distill.embedded_set("train", 30, R=3)[1])  # default: copies
+
+
 def test_micro_batches_sort_and_respect_the_token_budget():
     batch = [([1] * n, [2] * 3) for n in (50, 2, 30, 7, 90, 1)]
     micro = list(grpo.micro_batches(batch, 100))
@@ -68,7 +81,10 @@ def test_sft_examples_mix_both_formats():
     ex = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0))
     route_prompts = [e for e in ex if "Route 1 :" in tok.decode(e[0])]
     assert len(ex) == 200 and 60 < len(route_prompts) < 140
-    assert all(tok.decode(r).startswith("Route 1 : ") for p, r in route_prompts)
+    assert all(tok.decode(r).split("\n")[-1].startswith("Route ") and tok.decode(p).startswith("Route 1 :")
+               for p, r in route_prompts)  # the default layout: routes, then the question; own steps, then verdicts
+    vs = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0), layout=mrpv.Layout("verify-solve"))
+    assert all(tok.decode(r).startswith("Route 1 : ") for p, r in vs if "Route 1 :" in tok.decode(p))
 
     ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), eaai_prompts=True)
     counts = {tok.decode(p).count("Route ") for p, _ in ex}
@@ -76,6 +92,15 @@ def test_sft_examples_mix_both_formats():
     shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
     assert any(t.count("Answer :") < t.count("Route ") for t in shown)  # some routes shown in part
     assert all(r.count("Route ") == t.count("Route ") for t, r in zip(shown, said))  # a verdict per shown route
+    cut_sound = sum(r.count("sound") for r in said)
+
+    sv = mrpv.Layout(route_answers=False)
+    ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), True, sv, keep_error=True)
+    shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
+    assert all("Answer :" not in t for t in shown)  # routes without their answer lines
+    assert all(mrpv.parse(r).layout.startswith("S") and mrpv.parse(r).layout.endswith("AV" + "V" * (t.count("Route ") - 1))
+               for t, r in zip(shown, said))  # own steps and answer, then a verdict per route
+    assert sum(r.count("sound") for r in said) < cut_sound  # cut wrong routes stay wrong with keep_error
 
 
 TINY = ["--steps", "40", "--batch-size", "8", "--budget", "100", "--eval-n", "21", "--max-new-tokens", "40",
@@ -160,7 +185,7 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
     problems, banks = distill.embedded_set("dev", 6, R=3)
     args = train.get_args(["--stage", "eval", "--init", "x"])
 
-    def completions(model, tok, ps, routes, max_new_tokens):
+    def completions(model, tok, ps, routes, max_new_tokens, layout):
         if not any(routes):
             return ["sell A 2 : garbage"] * len(ps)
         return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}" for p, r in zip(ps, routes)]

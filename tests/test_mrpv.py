@@ -5,6 +5,8 @@ import pytest
 import domain as D
 import mrpv as P
 
+VS = P.Layout("verify-solve", question_last=False)  # the other layout: verdicts first, the question first
+
 
 @pytest.fixture(scope="module")
 def case():
@@ -15,11 +17,11 @@ def case():
 
 def test_zero_routes_is_the_autonomous_prompt(case):
     p, pos, neg = case
-    assert P.build_prompt(p, []) == p.question + "\n"
-    prompt = P.build_prompt(p, [neg, pos])
+    assert P.build_prompt(p, []) == P.build_prompt(p, [], VS) == p.question + "\n"
+    prompt = P.build_prompt(p, [neg, pos], VS)
     assert prompt.startswith(p.question + "\nRoute 1 :\n" + neg.text + "\nRoute 2 :\n" + pos.text)
     tok = D.tokenizer()
-    response = P.teacher_response([neg, pos], pos.text)
+    response = P.teacher_response([neg, pos], pos.text, VS)
     assert tok.decode(tok.encode(prompt + response)) == prompt + response  # every word is in the vocabulary
 
 
@@ -28,14 +30,15 @@ def rewards(r):
 
 
 def test_hand_written_completions(case):
+    """Verify-then-solve; the default layout's own table is in test_solve_then_verify_layout_and_routes_without_answers."""
     p, pos, neg = case
     routes, s = [neg, pos], neg.first_wrong
     bad_steps = neg.text.replace("Answer", "Answers")  # the wrong route's steps, its answer line broken
     table = {
-        "all right": (P.teacher_response(routes, pos.text), (1.0, 1.0, 1.0, 1.0, 1.0)),
+        "all right": (P.teacher_response(routes, pos.text, VS), (1.0, 1.0, 1.0, 1.0, 1.0)),
         "right answer, wrong verdicts": (f"Route 1 : sound\nRoute 2 : wrong at step 1\n{pos.text}",
                                          (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
-        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
+        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text, VS), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
         "right verdicts, wrong step named": (f"Route 1 : wrong at step {s + 1}\nRoute 2 : sound\n{pos.text}",
                                              (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
         "wrong without a step": (f"Route 1 : wrong\nRoute 2 : sound\n{pos.text}", (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
@@ -44,7 +47,7 @@ def test_hand_written_completions(case):
         "garbage": ("lorem ipsum", (0.0, 0.0, 0.0, 0.0, 0.0)),
     }
     for name, (completion, want) in table.items():
-        assert rewards(P.reward(completion, p, routes)) == want, name
+        assert rewards(P.reward(completion, p, routes, layout=VS)) == want, name
 
 
 def test_no_routes_counts_answer_and_format_only(case):
@@ -148,3 +151,90 @@ def test_the_verdict_gate_zeroes_a_response_that_skips_verification(case):
     half = P.reward(P.verdict_line(1, pos) + "\n" + pos.text, p, [pos, neg], gate)  # route 2 left out
     assert half.total == 0.0
     assert P.reward(pos.text, p, [], gate).total > 0.9  # no route shown: nothing to verify
+
+
+def test_solve_then_verify_layout_and_routes_without_answers(case):
+    p, pos, neg = case
+    sv = P.Layout()  # the default
+    assert (sv.order, sv.question_last, sv.route_answers) == ("solve-verify", True, True)
+    routes = [neg, pos]
+    response = P.teacher_response(routes, pos.text, sv)
+    assert response == pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
+    assert rewards(P.reward(response, p, routes, layout=sv)) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    assert P.reward(response, p, routes, layout=VS).format == 0.0  # the other order breaks the format, not the rest
+    assert P.reward(P.teacher_response(routes, pos.text, VS), p, routes, layout=sv).format == 0.0
+    s = neg.first_wrong
+    table = {  # the default layout on hand-written completions
+        "right answer, wrong verdicts": (f"{pos.text}\nRoute 1 : sound\nRoute 2 : wrong at step 1", (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
+        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
+        "no verdicts": (pos.text, (1.0, 0.0, 0.0, 0.0, round(1.0 / 2.1, 6))),
+        "verdicts, then steps": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{pos.text}", (1.0, 1.0, 1.0, 0.0, round(2.0 / 2.1, 6))),
+    }
+    for name, (completion, want) in table.items():
+        assert rewards(P.reward(completion, p, routes)) == want, name
+    assert P.teacher_response([], pos.text, sv) == pos.text  # no route: the autonomous response
+    assert P.build_prompt(p, [], sv) == p.question + "\n"
+    hidden = P.build_prompt(p, routes, P.Layout(route_answers=False))
+    assert "Answer" not in hidden and neg.text.split("\n")[0] in hidden
+    assert P.build_prompt(p, routes).count("Answer :") == 2
+    last = P.build_prompt(p, routes, P.Layout(question_last=True))
+    assert last == f"Route 1 :\n{neg.text}\nRoute 2 :\n{pos.text}\n{p.question}\n"
+    assert P.build_prompt(p, [], P.Layout(question_last=True)) == p.question + "\n"
+    tok = D.tokenizer()
+    assert tok.decode(tok.encode(hidden + response)) == hidden + response
+    with pytest.raises(ValueError, match="order"):
+        P.Layout("sideways")
+
+
+def test_consistency_credits_verdicts_only_when_they_agree_with_the_own_answer(case):
+    p, pos, neg = case
+    c = P.Weights(consistent=True)
+    right = P.teacher_response([neg, pos], pos.text)
+    assert rewards(P.reward(right, p, [neg, pos], c)) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    # the right verdicts, then the wrong route's answer as its own: it calls wrong the route it copies and
+    # sound the one it contradicts, so neither verdict earns (without consistency both do)
+    copied = P.teacher_response([neg, pos], neg.text)
+    assert (P.reward(copied, p, [neg, pos], c).verdict, P.reward(copied, p, [neg, pos]).verdict) == (0.0, 1.0)
+    # consistent with its (wrong) answer: route 1 sound, route 2 wrong: consistent but not right, no credit
+    follows = P.reward(f"{neg.text}\nRoute 1 : sound\nRoute 2 : wrong at step 1", p, [neg, pos], c)
+    assert follows.verdict == 0.0
+    assert P.reward(pos.text, p, [neg, pos], c).verdict == 0.0  # no verdicts, no credit
+    no_answer = P.reward(right.replace("Answer", "Answers"), p, [neg, pos], c)
+    assert no_answer.verdict == 0.0  # no own answer to agree with: whole routes earn nothing
+    cut = P.show(neg, neg.first_wrong / (len(neg.text.split("\n")) - 1))  # no answer line shown: judged as before
+    if cut.text != neg.text:
+        assert P.reward(P.teacher_response([cut], neg.text), p, [cut], c).verdict == 1.0
+
+
+def test_no_constant_verdict_beats_chance_with_errors_kept_in_view():
+    """Over the prompts EAAI shows: 'always sound' earns more than half of the verdict reward when a cut
+    wrong route turns sound (the default), and no more than chance with keep_error (the sequential fade's)."""
+    import eaai
+    problems, banks = [], []
+    import distill
+    problems, banks = distill.embedded_set("dev", 150, R=3)
+    rng = random.Random(0)
+
+    def constant(verdict, keep_error, fade):
+        ann = eaai.Annealer(eaai.Schedule("linear", 0, 100), 3, seed=1, fade=fade)
+        got = []
+        for step in range(0, 100, 5):
+            for p, b in zip(problems, banks):
+                h = ann.hint(step)
+                if h.show:
+                    shown = [P.show(r, h.frac, keep_error) for r in P.select_routes(b, h.k, 0.5, rng)]
+                    text = "".join(f"Route {k} : {verdict}\n" for k in range(1, len(shown) + 1)) + "x\nAnswer : 1"
+                    got.append(P.reward(text, p, shown).verdict)
+        return sum(got) / len(got)
+
+    assert constant("sound", False, "together") > 0.6  # the default cut: a half-shown wrong route is "sound"
+    for fade in eaai.FADES:
+        for verdict in ("sound", "wrong"):
+            assert constant(verdict, True, fade) < 0.53, (fade, verdict)
+
+
+def test_verdict_lines_of_tokens():
+    pieces = ["sell", " A", " 2", " : other\n", "Answer", " : 3\nRoute", " 1 : sound", "\n", "Route 2 : wrong at step 1"]
+    assert P.on_verdict_lines(pieces) == [False] * 6 + [True] * 3
+    assert P.on_verdict_lines([]) == []
+    assert P.on_verdict_lines(["garbage\n", "\n"]) == [False, False]
