@@ -32,7 +32,8 @@ Choices that are ours:
    per tensor, not overlapped with the backward) after each process scaled its loss by its share of
    the global minibatch.
 4. Parameters stay in float32; on CUDA the forward runs under bfloat16 autocast.
-5. Advantages per component (train.py --advantages component): each reward component c is normalised
+5. Advantages per component (train.py's default --advantages component, chosen on dev with mrpv's
+   consistency, RESULTS.md; --advantages sample: one per sample): each reward component c is normalised
    in its group on its own, A^c_i = group_advantages(r^c); a token gets the weighted mean of the
    components that concern its line: on verdict lines verdict, step and format; on every other line
    (the model's own steps and answer) answer, chain and format. So the answer's weight on the chain is
