@@ -9,7 +9,8 @@ checkpoint that load_model accepts, sampled with rollout.generate:
     python distill.py --teacher DIR --data train.jsonl --out routes.jsonl
 
 SFT examples: the autonomous prompt -> a positive route; and, for a share of examples, an MRPV
-prompt showing routes from the bank -> the teacher's MRPV response (verdicts, then its own route).
+prompt showing routes from the bank -> the teacher's MRPV response (its own route and the verdicts,
+in the order of mrpv.Layout).
 
 Choices that are ours:
 1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route

@@ -137,8 +137,8 @@ def verdict_line(k: int, route: Route) -> str:
 
 
 def teacher_response(routes: list[Route], solution: str, layout: Layout = Layout()) -> str:
-    """The response a teacher that knows each route's label writes: verdicts, then its own solution
-    (step lines and the answer line); or, solve-verify, the solution first."""
+    """The response a teacher that knows each route's label writes: its own solution (step lines and the
+    answer line), then the verdicts (solve-verify, the default); verify-solve: the verdicts first."""
     verdicts = "".join(verdict_line(k, r) + "\n" for k, r in enumerate(routes, 1))
     return solution + "\n" + verdicts.rstrip("\n") if layout.order == "solve-verify" and routes else verdicts + solution
 
