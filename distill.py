@@ -107,8 +107,8 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
     """(prompt ids, response ids) pairs: autonomous prompt -> a positive route; with probability
     mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead, laid out
     as `layout` says. eaai_prompts: the MRPV prompts show what EAAI will show during RL: 1..K routes,
-    half of the time each cut to a random prefix of its lines (mrpv.show, with keep_error as EAAI's
-    fade uses it), so RL's prompts are not new to the student.
+    half of the time each cut to a random prefix of its lines (mrpv.show, with keep_error as RL's
+    --keep-errors), so RL's prompts are not new to the student.
     Problems whose bank holds no positive route give no example."""
     out = []
     for p, bank in zip(problems, banks):

@@ -71,8 +71,8 @@ def component_advantages(parts, weights, n, scale=True):
 
 
 def per_token_advantages(rewards, weights, on_verdict, n, scale=True):
-    """rewards: mrpv.Reward per sample (groups of n adjacent); weights: {component: w}; on_verdict: per sample, per token, whether the token
-    lies on a verdict line -> per sample, a list of per-token advantages (choice 5)."""
+    """rewards: mrpv.Reward per sample (groups of n adjacent); weights: {component: w}; on_verdict: per
+    sample, per token, whether the token lies on a verdict line -> per sample, its tokens' advantages."""
     nan = float("nan")
     parts = {c: torch.tensor([nan if getattr(r, c) is None else getattr(r, c) for r in rewards]) for c in weights}
     adv = component_advantages(parts, weights, n, scale)
@@ -233,7 +233,8 @@ def minibatch_loss(model, ref, part, n, args, pad_id):
 
 def policy_update(model, ref, opt, batch, args, world, pad_id):
     """The PPO-clip update over one step's samples. batch: (prompt, completion, old log-probs, advantage
-    (one float, or a list with one per completion token), group) per sample of this process; ref: the frozen reference model or None (beta = 0).
+    (a float, or a list of one per completion token), group) per sample of this process; ref: the
+    frozen reference model or None (beta = 0).
     Returns (mean loss, stats, optimizer steps skipped as not finite)."""
     device = model.lm_head.weight.device
     M = args.num_minibatches

@@ -47,17 +47,19 @@ Choices that are ours (the paper does not fix them):
 5. The layout (`Layout`): solve-then-verify (the default) or verify-then-solve; the question after
    the routes (the default), so that the model's own steps start right after the question as they do
    with no route shown, or before them; routes shown with their answer lines (the default) or without
-   them, so that a verdict needs the route's process and not only its final line. The two defaults
-   were chosen on dev over three seeds (RESULTS.md, "A cold start that reads routes"): the distilled
-   student's accuracy with routes rose from 13.8 to 68.9 % (alone 92.4 %).
+   them, so that a verdict needs the route's process and not only its final line. The order and the
+   question's place were chosen on dev over three seeds (RESULTS.md, "A cold start that reads
+   routes"): the distilled student's accuracy with routes rose from 13.8 to 68.9 % (alone 92.4 %).
+   Routes without answers were not measured; they stay an option.
 6. Consistency (Weights.consistent; train.py's default, --consistent, chosen on dev with grpo.py's
    per-component advantages, RESULTS.md): a verdict on a route whose answer line is shown earns credit
    (verdict and step) only when it agrees with the model's own answer: "sound" when the route reaches
    the same answer, "wrong" when it does not. A verdict that is right about the route but contradicts
    the model's own answer earns nothing. Off in Weights(), so that evaluation's verdict_acc is plain.
-7. keep_error (`show`, used by EAAI's sequential fade): a wrong route shown in part is cut no earlier
-   than its first wrong step, so it stays wrong; then "always sound" and "always wrong" each earn the
-   share of routes of that kind (Binomial, choice 4: a half), never more than chance.
+7. keep_error (`show`; train.py --keep-errors, off by default): a wrong route shown in part is cut no
+   earlier than its first wrong step, so it stays wrong; then "always sound" and "always wrong" each
+   earn the share of routes of that kind (Binomial, choice 4: a half), never more than chance
+   (tests/test_mrpv.py checks both under EAAI's prompts). Without it, "always sound" earns more.
 """
 
 import math

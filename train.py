@@ -235,7 +235,7 @@ def eval_sets(args, splits):
 
 # ---- evaluation ----
 
-def layout(args):  # the MRPV prompt and response layout of the flags
+def layout_of(args):  # the MRPV prompt and response layout the flags ask for
     return mrpv.Layout(args.order, args.route_answers, args.question_last)
 
 
@@ -250,10 +250,9 @@ def evaluate(model, tok, problems, banks, args):
     problem's 0 / 1 (right_*, for paired comparisons) and verdict_acc (share of shown routes judged right)."""
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
     routes = {"autonomous": [[]] * len(problems), "with_routes": shown}
-    texts = {k: completions(model, tok, problems, r, args.max_new_tokens, layout(args)) for k, r in routes.items()}
-    right = {k: [D.check(mrpv.answer_of(t, bool(args.data)), p.answer) for t, p in zip(ts, problems)]  # --data: free-form answers
-             for k, ts in texts.items()}
-    verdicts = [mrpv.reward(t, p, r, layout=layout(args)).verdict for t, p, r in zip(texts["with_routes"], problems, shown) if r]
+    texts = {k: completions(model, tok, problems, r, args.max_new_tokens, layout_of(args)) for k, r in routes.items()}
+    right = {k: [D.check(mrpv.answer_of(t, bool(args.data)), p.answer) for t, p in zip(ts, problems)] for k, ts in texts.items()}  # --data: free-form
+    verdicts = [mrpv.reward(t, p, r, layout=layout_of(args)).verdict for t, p, r in zip(texts["with_routes"], problems, shown) if r]
     return {**{f"acc_{k}": sum(r) / max(1, len(r)) for k, r in right.items()},
             "verdict_acc": sum(verdicts) / len(verdicts) if verdicts else None,
             **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
@@ -329,7 +328,7 @@ def run_distill(args):
     problems, banks = train_set(args)
     rng = random.Random(args.seed)
     examples = distill.sft_examples(problems, banks, tok, args.mrpv_share, args.K, args.neg_share, rng, args.sft_eaai,
-                                    layout(args), args.keep_errors)
+                                    layout_of(args), args.keep_errors)
     if not examples:
         raise D.DataError("no SFT example: no problem has a positive (correct) route")
     if not args.data:  # what guidance buys: the embedded teacher without the rules
@@ -419,8 +418,9 @@ def rl_resume(args, out: Path, rank):
     if rank == 0:
         rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= state["step"]]
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-    defaults = vars(get_args(["--stage", "rl"]))  # flags added since the run was saved take their defaults
-    return state, argparse.Namespace(**{**defaults, **state["args"], "resume": True, "device": args.device, "out": str(out)})
+    defaults = vars(get_args(["--stage", "rl"]))  # flags added since the run was saved take their defaults, except
+    before = dict(order="verify-solve", question_last=False, advantages="sample", consistent=False)  # what runs did before them
+    return state, argparse.Namespace(**{**defaults, **before, **state["args"], "resume": True, "device": args.device, "out": str(out)})
 
 
 def rl_setup(args, out, state, rank, device) -> RLRun:
@@ -466,7 +466,7 @@ def score(run: RLRun, samples, prompts, picked, shown, groups, args):
         i, routes = picked[s.prompt_index], shown[s.prompt_index]
         reference = next((r.text for r in run.banks[i] if r.correct), None)  # a right route, for --reward steps
         rewards.append(mrpv.reward(run.tok.decode(s.tokens), run.problems[i], routes, run.weights, reference,
-                                   free_form=bool(args.data), layout=layout(args)))
+                                   free_form=bool(args.data), layout=layout_of(args)))
     if args.algo == "rft":  # fine-tune on the policy's own right answers: advantage 1 each, the rest dropped
         adv = [1.0 if r.answer == 1 else None for r in rewards]
     elif args.advantages == "component":  # per component, per token (grpo.py choice 5)
@@ -532,7 +532,7 @@ def run_rl(args):
         # 1. the step's prompts, each with the routes EAAI lets it show; this process samples groups `mine`
         idx, shown = rl_prompts(step, run, args)
         mine = list(range(rank, len(idx), world))
-        prompts = [distill.encode_prompt(run.tok, mrpv.build_prompt(run.problems[idx[g]], shown[g], layout(args))) for g in mine]
+        prompts = [distill.encode_prompt(run.tok, mrpv.build_prompt(run.problems[idx[g]], shown[g], layout_of(args))) for g in mine]
         # 2. n samples per prompt with the sampler's log-probs (seeds per prompt: independent of the split, choice 5)
         run.sampler.eval()
         samples = generate(run.sampler, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -368,3 +368,22 @@ def test_fresh_problems_constant_lr_and_autonomous_steps(distilled, tmp_path, mo
     distilled_on = {p.question for p in D.load_jsonl(distilled / "routes.jsonl")}
     asked = {next(x for x in tok.decode(p).split("\n") if x.startswith("Stock")) for p in seen}  # the question, wherever it is
     assert asked and not asked & distilled_on and asked <= {p.question for p in D.split("fresh", 30)}
+
+
+def test_a_run_saved_before_the_layout_flags_resumes_as_it_ran(tmp_path):
+    """--resume of a run whose saved flags predate --order, --question-last, --advantages and --consistent:
+    it goes on as it ran (verdicts first, the question first, one advantage per sample), not with today's defaults."""
+    import train
+
+    args = vars(train.get_args(["--stage", "rl"]))
+    for k in ("order", "question_last", "advantages", "consistent"):
+        args.pop(k)
+    torch.save({"stage": "rl", "step": 2, "args": args}, tmp_path / "trainer_state.pt")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+    _, resumed = train.rl_resume(train.get_args(["--stage", "rl"]), tmp_path, 0)
+    assert (resumed.order, resumed.question_last, resumed.advantages, resumed.consistent) == ("verify-solve", False, "sample", False)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # lines after the checkpoint dropped
+    now = vars(train.get_args(["--stage", "rl"]))
+    torch.save({"stage": "rl", "step": 2, "args": now}, tmp_path / "trainer_state.pt")
+    _, resumed = train.rl_resume(train.get_args(["--stage", "rl"]), tmp_path, 0)
+    assert (resumed.order, resumed.advantages) == ("solve-verify", "component")  # saved flags win
