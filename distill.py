@@ -8,9 +8,9 @@ checkpoint that load_model accepts, sampled with rollout.generate:
 
     python distill.py --teacher DIR --data train.jsonl --out routes.jsonl
 
-SFT examples: the autonomous prompt -> a positive route; and, for a share of examples, an MRPV
-prompt showing routes from the bank -> the teacher's MRPV response (its own route and the verdicts,
-in the order of mrpv.Layout).
+SFT examples: the autonomous prompt -> a positive route; and, for a share of each batch once the
+student has learned to solve alone (train.py, choice 2), an MRPV prompt showing routes from the bank
+-> the teacher's MRPV response (its own route and the verdicts, in the order of mrpv.Layout).
 
 Choices that are ours:
 1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route
@@ -124,6 +124,12 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
         response = mrpv.teacher_response(shown, solution, layout)
         out.append((encode_prompt(tok, prompt), tok.encode(response) + tok.eos_ids[:1]))
     return out
+
+
+def draw_batch(alone, routed, share, size, rng: random.Random):
+    """An SFT batch: `size` examples drawn with replacement, each from `routed` (MRPV prompts) with
+    probability `share`, else from `alone` (train.py's schedule: share 0 over the first steps)."""
+    return [(routed if share and rng.random() < share else alone)[rng.randrange(len(alone))] for _ in range(size)]
 
 
 def sft_batch(examples, pad_id, device):

@@ -75,6 +75,17 @@ def test_micro_batches_sort_and_respect_the_token_budget():
     assert sum(len(m) for m in micro) == len(batch)
 
 
+def test_draw_batch_takes_mrpv_examples_at_their_share_only():
+    alone, routed = [("a", i) for i in range(50)], [("r", i) for i in range(50)]
+    first = distill.draw_batch(alone, routed, 0.0, 400, random.Random(0))
+    assert {k for k, _ in first} == {"a"}  # share 0 (the first steps): no MRPV example
+    rng = random.Random(0)  # and no draw for the format: the same examples as indexing alone
+    assert first == [alone[rng.randrange(50)] for _ in range(400)]
+    assert {k for k, _ in distill.draw_batch(alone, routed, 1.0, 400, random.Random(0))} == {"r"}
+    mixed = distill.draw_batch(alone, routed, 0.25, 4000, random.Random(1))
+    assert 0.22 < sum(k == "r" for k, _ in mixed) / 4000 < 0.28
+
+
 def test_sft_examples_mix_both_formats():
     tok = D.tokenizer()
     problems, banks = distill.embedded_set("train", 200, 3)

@@ -26,6 +26,7 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "rl", "--beta", "-1"], "error: argument --beta: must be >= 0 (got -1)"),
     (["--stage", "rl", "--mu", "0"], "error: argument --mu: must be >= 1 (got 0)"),
     (["--stage", "distill", "--mrpv-share", "1.5"], "error: argument --mrpv-share: must be >= 0 and <= 1 (got 1.5)"),
+    (["--stage", "distill", "--mrpv-from", "-0.1"], "error: argument --mrpv-from: must be >= 0 and <= 1 (got -0.1)"),
     (["--stage", "rl", "--neg-share", "-0.5"], "error: argument --neg-share: must be >= 0 and <= 1 (got -0.5)"),
     (["--stage", "rl", "--eaai-decay", "2"], "error: argument --eaai-decay: must be >= 0 and <= 1 (got 2)"),
     (["--stage", "rl", "--eaai-hold", "0.5", "--eaai-decay", "0.6"],
