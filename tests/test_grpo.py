@@ -268,7 +268,7 @@ def test_reference_model_rft_and_minibatches(distilled, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mrpv, "reward", varied_reward)
     train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "kl"), "--beta", "0.5",
-                "--mu", "2", "--num-minibatches", "2"] + RL_FLAGS)
+                "--mu", "2", "--num-minibatches", "2", "--lr", "3e-3"] + RL_FLAGS)  # a rate that moves the ratio past the clip
     rows = [r for r in rl_rows(tmp_path / "kl") if "stage" in r]
     assert rows[0]["kl"] > 0  # the second minibatch and the second epoch already differ from the reference
     assert any(r["clip_frac"] > 0 for r in rows)  # off-policy epochs: the clip engages
