@@ -128,7 +128,9 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
 
 def draw_batch(alone, routed, share, size, rng: random.Random):
     """An SFT batch: `size` examples drawn with replacement, each from `routed` (MRPV prompts) with
-    probability `share`, else from `alone` (train.py's schedule: share 0 over the first steps)."""
+    probability `share`, else from `alone` (train.py's schedule: share 0 over the first steps). Item i of
+    both lists is the same problem's example, one way and the other."""
+    assert len(routed) == len(alone), f"{len(routed)} MRPV examples for {len(alone)} examples alone"
     return [(routed if share and rng.random() < share else alone)[rng.randrange(len(alone))] for _ in range(size)]
 
 
