@@ -88,12 +88,16 @@ def select_routes(bank: list[Route], k: int, neg_share: float, rng: random.Rando
     return chosen
 
 
+def step_lines(text: str) -> list[str]:
+    """A route's lines without its answer line."""
+    return [x for x in text.split("\n") if not ANSWER.fullmatch(x.strip())]
+
+
 def show(route: Route, frac: float, keep_error: bool = False) -> Route:
     """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one; with
     keep_error at least up to a wrong route's first wrong step, choice 7), the answer line only when the
     whole route is shown; labelled by what is shown (choice 2)."""
-    lines = route.text.split("\n")
-    steps = [x for x in lines if not ANSWER.fullmatch(x.strip())]
+    steps = step_lines(route.text)
     m = max(1, math.ceil(frac * len(steps)))
     if keep_error and route.first_wrong:
         m = max(m, route.first_wrong)
@@ -122,7 +126,7 @@ def route_text(route: Route, layout: Layout) -> str:
     """A shown route's text in the prompt: whole, or without its answer line."""
     if layout.route_answers:
         return route.text
-    return "\n".join(x for x in route.text.split("\n") if not ANSWER.fullmatch(x.strip()))
+    return "\n".join(step_lines(route.text))
 
 
 def build_prompt(problem: Problem, routes: list[Route], layout: Layout = Layout()) -> str:
@@ -249,7 +253,7 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
     fmt = float(one_each and re.fullmatch(shape, p.layout) is not None and p.answer is not None)
     chain = None
     if reference is not None and w.chain > 0:
-        ref = [x.strip() for x in reference.split("\n") if x.strip() and not ANSWER.fullmatch(x.strip())]
+        ref = [x.strip() for x in step_lines(reference) if x.strip()]
         chain = sum(a == b for a, b in zip(p.steps, ref)) / max(1, len(ref))
     parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt), (w.chain, chain)]
     parts = [(wi, ri) for wi, ri in parts if ri is not None and wi > 0]
