@@ -82,3 +82,27 @@ def write_checkpoint(path, kind="qwen2", shards=1, v5_style=False, tensors=None,
 @pytest.fixture
 def ckpt(tmp_path):
     return lambda kind="qwen2", name=None, **kw: write_checkpoint(tmp_path / (name or kind), kind, **kw)
+
+
+def same_or_near_tie(m, prompt, got, want, tol, temperature=0.0, noise=None):
+    """got, want: the tokens two DIFFERENT computations (batched or alone, cached or recomputed, compiled
+    or eager, this code or transformers) chose for one prompt. Their logits agree only to float32
+    rounding, so where the two best choices are within that rounding either may win: exact equality
+    could fail on another CPU or thread count without any bug. So: the same tokens, or the same up to a
+    first difference that is a near-tie, both tokens within tol of the best under a plain full forward
+    of m over prompt + the common prefix (after it the two continue from different inputs and are not
+    compared). What is maximised: the logits (greedy), else log_softmax(logits / T) - log q, q =
+    noise(step) the row's Exp(1) noise, the same in both runs (the exponential race, rollout.py choice 1).
+    tol: the most the two computations' scores can differ (each one's distance to the reference, summed).
+    Returns the length of the common prefix: the tokens whose log-probs can be compared."""
+    for k, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            with torch.no_grad():
+                score = m(torch.tensor([prompt + want[:k]]))[0, -1].float()
+            if temperature:
+                score = torch.log_softmax(score / temperature, dim=-1) - noise(k).log()
+            gap = (score.max() - score[[a, b]]).max().item()
+            assert gap <= tol, f"token {k}: {a} against {b}, {gap:.1e} below the best: not a near-tie"
+            return k
+    assert len(got) == len(want), (got, want)
+    return len(got)

@@ -58,7 +58,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     assert "--stage eval" in grpo[1] and "--eval-n 4" in grpo[1]
     results = lines(out / "results.jsonl")
     assert {(r["arm"], r["split"]) for r in results} == {(a, s) for a in ("distill", "grpo") for s in ("test", "hard")}
-    for r in results:  # the table's numbers are the arm's own eval lines
+    for r in results:  # the table's numbers are the arm's own eval lines (exact: copied, not recomputed)
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
         assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
         assert r["verdict_acc"] == ev["verdict_acc"] and 0 <= r["verdict_acc"] <= 1
@@ -66,6 +66,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
         assert (r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0)) or r["arm"] == "grpo"
     grpo_row = next(r for r in results if r["arm"] == "grpo")  # no routes at all: every update autonomous
     lrs = [m["lr"] for m in lines(out / "seed0" / "grpo" / "metrics.jsonl")]
+    # exact: ablate sums the same lr values read from the same file, in the same order
     assert (grpo_row["updates"], grpo_row["autonomous_updates"], grpo_row["autonomous_lr_sum"]) == (2, 2, sum(lrs))
     table = (out / "results.md").read_text()
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
@@ -87,6 +88,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
 
 
 def test_paired_ci():
+    # exact: means of 0 / 1 differences are sums of integers (exact in float64) over counts: 0, 1, 750 / 3000
     same = {0: "0110", 1: "1001"}
     assert ablate.paired_ci(same, same) == (0.0, 0.0, 0.0, 2)
     assert ablate.paired_ci({0: "1111", 1: "1111"}, {0: "0000", 2: "0000"}) == (100.0, 100.0, 100.0, 1)  # seed 0 only

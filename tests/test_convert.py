@@ -81,6 +81,9 @@ def test_dequantize_matches_the_block_format(kind):
     got = convert.dequantize(t, torch.float32)
     assert got.shape == (rows, cols)
     want = torch.tensor(reference_dequantize(raw, kind), dtype=torch.float32).reshape(rows, cols)
+    # gguf's numpy float32 against this float64 reference: a float16 scale times a small integer is exact in
+    # both, Q4_1's + m rounds once (6e-8 relative; identical as measured); rtol 1e-6 and atol 1e-7 allow
+    # that, while a wrong nibble, scale or offset is off by a whole quantization step (>= 0.01)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -97,7 +100,7 @@ def test_unpermute_inverts_llamacpp_and_interleaved_rope_agrees():
     H, D, C, T = 3, 8, 16, 5
     w = torch.randn(H * D, C)
     stored = llamacpp_permute(w, H)
-    assert not torch.equal(stored, w) and torch.equal(convert.unpermute(stored, H), w)
+    assert not torch.equal(stored, w) and torch.equal(convert.unpermute(stored, H), w)  # exact: rows moved, not computed
     bias = torch.randn(H * D)
     assert torch.equal(convert.unpermute(llamacpp_permute(bias, H), H), bias)
 
@@ -111,7 +114,11 @@ def test_unpermute_inverts_llamacpp_and_interleaved_rope_agrees():
     cpp = torch.stack((a * cos[:, None] - b * sin[:, None], a * sin[:, None] + b * cos[:, None]), -1).view(T, H, D)
     emb = torch.cat((theta, theta), -1)[None, None]  # (1, 1, T, D)
     hf = M.apply_rope((x @ w.T).view(1, T, H, D).transpose(1, 2), emb.cos(), emb.sin())[0].transpose(0, 1)
-    torch.testing.assert_close(torch.einsum("thd,shd->hts", cpp, cpp), torch.einsum("thd,shd->hts", hf, hf))
+    # the same products summed in another order (pairs against halves): rounding scales with the terms
+    # summed (scores up to ~200, float32 ulp 1.5e-5), not with the result: atol 1e-4 (~5e-7 of the
+    # largest) and rtol 1.3e-6 leave 13x over the 7.6e-6 measured; a wrong pairing is off by O(1)
+    torch.testing.assert_close(torch.einsum("thd,shd->hts", cpp, cpp), torch.einsum("thd,shd->hts", hf, hf),
+                               rtol=1.3e-6, atol=1e-4)
 
 
 # ---- small GGUF files written by hand ----
@@ -200,8 +207,10 @@ def test_float32_round_trip_gives_the_same_model(tmp_path, kind):
     got = M.load_model(tmp_path / "out", device="cpu")
     assert got.config.architecture == ("Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM")  # Mistral: choice 3
     for name, t in ref.state_dict().items():
-        assert torch.equal(got.state_dict()[name], t), name
+        assert torch.equal(got.state_dict()[name], t), name  # exact: float32 weights copied, not computed
     tokens = torch.randint(0, 300, (2, 9))
+    # exact: bitwise the same weights (above) and config (they differ only in token ids and the name of the
+    # architecture, which the forward does not read): one forward run twice
     assert torch.equal(got(tokens), ref(tokens))
     d = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (d["rope_theta"], d["rms_norm_eps"], d["max_position_embeddings"]) == (c["rope_theta"], c["rms_norm_eps"], c["max_position_embeddings"])
@@ -225,7 +234,7 @@ def test_quantized_types_are_gguf_values(tmp_path):
         want = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype).reshape(a.shape))
         if heads:
             want = convert.unpermute(want, heads)
-        assert torch.equal(got[key], want), short
+        assert torch.equal(got[key], want), short  # exact: convert.dequantize runs gguf's own dequantize on these bytes
         assert 0 < (got[key] - hf[key]).abs().max() < 0.1, short  # quantized, not the original weights
 
 
@@ -322,6 +331,9 @@ def test_smollm2_greedy_reply(smollm2):
     _, model, tok = smollm2
     prompt = tok.encode(tok.chat("What is the capital of France?"), special=False)
     s = generate(model, [prompt], max_new_tokens=20, temperature=0, eos_ids=tok.eos_ids, pad_id=tok.pad_id)[0]
+    # greedy tokens from logits that move with the CPU and thread count by float32 rounding (~1e-5 on
+    # logits up to 33): exact text is safe here because at each of the reply's 8 tokens the best logit
+    # leads the second by 0.08 or more (measured), thousands of times that rounding
     assert tok.decode(s.tokens) == "The capital of France is Paris." and s.stopped and s.tokens[-1] == 2
 
 
@@ -336,6 +348,8 @@ def test_smollm2_sampler_logprobs_match_a_full_forward(smollm2):
             p = prompts[s.prompt_index]
             seq = torch.tensor([p + s.tokens])
             lp = torch.log_softmax(model(seq)[0, len(p) - 1:-1] / 0.7, dim=-1).gather(-1, seq[0, len(p):, None])[:, 0]
+            # the cached sampler against one full forward through 30 layers, logits up to 33 (ulp 4e-6): float32
+            # sums in another order, 2.5e-5 apart at most measured; 2e-4 is 8x that, far below a wrong token's
             torch.testing.assert_close(torch.tensor(s.logprobs), lp, atol=2e-4, rtol=0)
 
 
@@ -345,6 +359,6 @@ def test_smollm2_save_model_keeps_logits_and_chat(smollm2, tmp_path):
     back, back_tok = M.load_model(tmp_path / "saved", device="cpu"), M.load_tokenizer(tmp_path / "saved")
     tokens = torch.tensor([tok.encode(tok.chat("Is the sky blue?"), special=False)])
     with torch.no_grad():
-        assert torch.equal(back(tokens), model(tokens))
+        assert torch.equal(back(tokens), model(tokens))  # exact: a save -> load round trip, the same forward twice
     assert back_tok.chat("Q") == tok.chat("Q") and back_tok.eos_ids == tok.eos_ids and back_tok.pad_id == tok.pad_id
     assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for message")

@@ -9,7 +9,7 @@ import eaai as E
 @pytest.mark.parametrize("shape", E.SHAPES)
 def test_schedule_starts_at_one_never_rises_and_ends_at_zero(shape):
     s = E.Schedule(shape, hold=5, decay=50)
-    hs = [s.h(t) for t in range(80)]
+    hs = [s.h(t) for t in range(80)]  # exact below: the hold and the end return the constants 1.0 and 0.0
     assert hs[:6] == [1.0] * 6 and all(0.0 <= h <= 1.0 for h in hs)
     assert all(a >= b for a, b in zip(hs, hs[1:]))
     assert hs[55:] == [0.0] * 25 and hs[54] > 0.0
@@ -18,7 +18,7 @@ def test_schedule_starts_at_one_never_rises_and_ends_at_zero(shape):
 
 def test_shapes_differ_where_they_should():
     lin, cos, exp = (E.Schedule(s, decay=100).h(25) for s in E.SHAPES)
-    assert lin == 0.75 and cos > lin > exp
+    assert lin == 0.75 and cos > lin > exp  # exact: 1 - 25 / 100 has no rounding in binary
 
 
 def test_hints_follow_h():
@@ -62,7 +62,7 @@ def test_sequential_fade_moves_one_thing_at_a_time():
         hs = [ann.hint(t) for _ in range(3000)]
         shown = [x for x in hs if x.show]
         return len(shown) / len(hs), sum(x.k for x in shown) / max(1, len(shown)), sum(x.frac for x in shown) / max(1, len(shown))
-    assert stats(0) == (1.0, 3.0, 1.0)
+    assert stats(0) == (1.0, 3.0, 1.0)  # exact (also frac, k below): means of equal values that h sets by min / max
     show, k, frac = stats(15)  # h = 5/6: only the count moves
     assert show == 1.0 and 1.8 < k < 2.2 and frac == 1.0
     show, k, frac = stats(45)  # h = 1/2: one route, its prefix moves

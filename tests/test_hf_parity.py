@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import same_or_near_tie
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,11 +53,15 @@ def test_logits_match_transformers(tmp_path, case, style):
     with torch.no_grad():
         ref = hf(tok).logits
         ours = M.load_model(tmp_path / "hf", device="cpu")
+        # another implementation: transformers may order the float32 sums otherwise (its attention kernels
+        # and op order vary with its version and the CPU). Rounding on logits |x| < 1.5 is ~1e-6 (identical
+        # with transformers 5.24 as measured); 1e-4 leaves 100x for other versions, while a wrong rope,
+        # norm or head layout moves the logits by 1e-2 or more
         assert (ours(tok) - ref).abs().max() <= 1e-4
         M.save_model(ours, tmp_path / "ours")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
         assert type(back).__name__ == f"{family}ForCausalLM"
-        assert (back(tok).logits - ref).abs().max() <= 1e-4
+        assert (back(tok).logits - ref).abs().max() <= 1e-4  # transformers both times, on our saved config: 1e-4 as above
 
 
 @pytest.mark.parametrize("case", ["qwen2", "llama"])
@@ -77,5 +82,12 @@ def test_greedy_tokens_match_transformers_generate(tmp_path, case):
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                       pad_token_id=pad, eos_token_id=eos)[:, P:].tolist()
-    for s, r in zip(generate(ours, prompts, max_new_tokens=24, temperature=0, eos_ids=[eos], pad_id=pad), ref):
-        assert s.tokens == r[:len(s.tokens)] and all(t == pad for t in r[len(s.tokens):])
+    # two implementations' greedy tokens: the logits agree to 1e-4 (test_logits_match_transformers) and our
+    # sampler to 1e-5 with a full forward, so the same tokens, or a first difference where the best two are
+    # within 2e-4 under our full forward, either being right (the best two are 4e-3 or more apart here)
+    samples = generate(ours, prompts, max_new_tokens=24, temperature=0, eos_ids=[eos], pad_id=pad)
+    assert len(samples) == len(ref)
+    for s, r in zip(samples, ref):
+        n = r.index(eos) + 1 if eos in r else len(r)  # transformers' reply, then padding
+        if same_or_near_tie(ours, prompts[s.prompt_index], s.tokens, r[:n], 2e-4) == len(s.tokens):
+            assert all(t == pad for t in r[n:])

@@ -26,7 +26,7 @@ def test_load_gives_finite_logits_and_the_file_weights(ckpt, kind):
     file = load_file(str(path / "model.safetensors"))
     state = m.state_dict()
     for name, t in file.items():
-        assert torch.equal(state[name], t), name
+        assert torch.equal(state[name], t), name  # exact: weights copied, not computed
     assert (m.lm_head.weight is m.model.embed_tokens.weight) == KINDS[kind]["tie_word_embeddings"]
     assert all(p.requires_grad for p in m.parameters())
 
@@ -42,6 +42,7 @@ def test_sharded_and_v5_style_load_the_same_model(ckpt):
     ref = M.load_model(ckpt("qwen2"), device="cpu")(tok)
     sharded = ckpt("qwen2", name="sharded", shards=3)
     assert len(list(sharded.glob("*.safetensors"))) == 3
+    # exact: the same weights and config, so the same forward (same ops, same shapes) run again
     assert torch.equal(M.load_model(sharded, device="cpu")(tok), ref)
     assert torch.equal(M.load_model(ckpt("qwen2", name="v5", v5_style=True), device="cpu")(tok), ref)
 
@@ -50,7 +51,7 @@ def test_llama3_rope_scaling_in_both_config_styles(ckpt):
     hub = M.load_model(ckpt("llama"), device="cpu")
     v5 = M.load_model(ckpt("llama", name="v5", v5_style=True), device="cpu")
     assert hub.config.rope_scaling["rope_type"] == v5.config.rope_scaling["rope_type"] == "llama3"
-    assert torch.equal(hub.inv_freq, v5.inv_freq)
+    assert torch.equal(hub.inv_freq, v5.inv_freq)  # exact: one function of the same numbers, run twice
 
     # the frequencies as the llama3 recipe states them, branch by branch
     s, D, theta = KINDS["llama"]["rope_scaling"], 16, 500000.0
@@ -68,6 +69,8 @@ def test_llama3_rope_scaling_in_both_config_styles(ckpt):
             a = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
             expected.append((1 - a) * f / s["factor"] + a * f); kinds.add("smoothed")
     assert kinds == {"kept", "stretched", "smoothed"}  # the test covers all three bands
+    # float32 against this float64 recipe: a few roundings of 6e-8 each (8e-8 measured); rtol 1e-6 is
+    # ~10x that, while a wrong band or factor is off by 10 % or more
     torch.testing.assert_close(hub.inv_freq, torch.tensor(expected), rtol=1e-6, atol=0)
     plain = M.rope_inv_freq(M.ModelConfig(**{**hub.config.__dict__, "rope_scaling": None}))
     assert not torch.equal(plain, hub.inv_freq)
@@ -85,6 +88,8 @@ def test_cached_decode_equals_full_forward(ckpt, kind):
         steps = [m(tok[:, :7], cache=cache)]  # prefill 7 tokens, then one at a time
         steps += [m(tok[:, t:t + 1], cache=cache) for t in range(7, 20)]
     assert cache.length == 20
+    # other matmul and attention shapes: float32 sums in another order. Logits |x| < 4 here differ by
+    # ~3e-6 at most (a few ulps); 1e-5 is 3x that and far below what a wrong position or mask moves (0.1)
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
 
 
@@ -102,6 +107,8 @@ def test_left_padded_ragged_batch_equals_each_row_alone(ckpt, kind):
         tok[i, P - len(r):], valid[i, P - len(r):] = r, True
     pos = (valid.cumsum(1) - 1).clamp(min=0)  # (B, P): a row's first real token sits at position 0
     lengths = valid.sum(1)
+    # below: padded batches against rows alone, cached against not, static against dynamic cache: other
+    # shapes, float32 sums in another order, ~2e-6 apart at most on logits |x| < 4; 1e-5 as above
     with torch.no_grad():
         no_cache = m(tok, pos=pos, valid=valid)
         cache = m.new_cache(3, P + 6)
@@ -129,7 +136,10 @@ def test_last_only_and_cache_overflow(ckpt):
     m = M.load_model(ckpt("mistral"), device="cpu")
     tok = tokens_for(m, 2, 6)
     with torch.no_grad():
-        assert torch.equal(m(tok, last_only=True), m(tok)[:, -1:])
+        # the head on 1 position against on all 6: other matmul shapes, float32 sums in another order,
+        # ~5e-7 apart on logits |x| < 2 (a few ulps); atol 1e-5 is 20x that and far below a logit gap
+        # that matters, while the wrong position's logits differ by ~1
+        torch.testing.assert_close(m(tok, last_only=True), m(tok)[:, -1:], atol=1e-5, rtol=0)
         cache = m.new_cache(2, 6)
         m(tok, cache=cache)
         with pytest.raises(AssertionError, match="cache full"):
@@ -148,11 +158,11 @@ def test_save_then_load_is_exact(ckpt, tmp_path):
         M.save_model(m, out, tokenizer=tokenizer)
         back = M.load_model(out, device="cpu")
         a, b = m.state_dict(), back.state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exact: a round trip
         # the saved config is the loaded one, with the tokenizer's end and padding ids
         assert back.config == dataclasses.replace(m.config, eos_token_id=tokenizer.eos_ids[0], pad_token_id=tokenizer.pad_id)
         tok = tokens_for(m, 2, 8)
-        assert torch.equal(back(tok), m(tok))
+        assert torch.equal(back(tok), m(tok))  # exact: the same weights, the same forward run twice
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["architectures"] == KINDS[kind]["architectures"] and cfg["model_type"] == KINDS[kind]["model_type"]
         assert ("lm_head.weight" in load_file(str(out / "model.safetensors"))) == (not KINDS[kind]["tie_word_embeddings"])
@@ -164,7 +174,7 @@ def test_save_bfloat16_round_trip(ckpt, tmp_path):
     M.save_model(m, tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back = M.load_model(tmp_path / "bf16", device="cpu", dtype=torch.bfloat16)
-    assert all(torch.equal(a, b) and b.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) and b.dtype == torch.bfloat16  # exact: a round trip
                for a, b in zip(m.state_dict().values(), back.state_dict().values()))
 
 
@@ -202,7 +212,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(ckpt):
         m.zero_grad()
         m(tok).square().mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    # each block's forward recomputed inside the backward: another autograd graph, so equal only up to
+    # float32 rounding of the gradient sums (identical as measured); on gradients up to 0.2, rtol 1e-5
+    # and atol 1e-6 are ~100x float32's 1.2e-7, far below a missed or doubled term
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
 
 
 # ---- bad input: one clear error naming the file and the key ----
