@@ -60,6 +60,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
 RL_STEPS = 60  # choice 1
 SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
+PARTS = ("_taught", "_route_only")  # the embedded domain's parts of a split (domain.py choice 5), in results.jsonl
 
 
 # ---- flags ----
@@ -256,6 +257,7 @@ def record(out: Path, r: Run, seconds, threads):
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
                       **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
+                      **{k: v for k, v in row.items() if k.endswith(PARTS) or k.startswith("n_") or k == "route_only"},  # the parts
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])

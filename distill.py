@@ -20,6 +20,20 @@ Choices that are ours:
    question alone when not; its routes are whatever it writes up to its end token.
 3. The SFT loss is the mean cross-entropy over all response tokens of the batch (a token mean, so
    long responses weigh more than short ones); prompt and padding tokens carry no loss.
+4. Verdict drills (verdict_drills; train.py --drills, 32 per batch by default): short examples of the
+   restated verdict lines alone (mrpv.py choice 8), route headers and an own answer in the prompt, added
+   to every SFT batch from the first step. They teach the comparison ("8 < 13 -> wrong") on examples
+   that cost a tenth of an MRPV example; alone they did not teach verdicts in MRPV responses, beside
+   MRPV examples they made the lookup come within 600 steps (RESULTS.md, "Verdicts a small student
+   learns"). A drill names no step: the token after "wrong" carries no loss.
+5. Reading drills (reading_set; train.py --reading, a share of the MRPV examples): problems that deliver
+   to the asked item, in worlds where a delivery adds 1 to 6 units (READING_AMOUNTS), drawn afresh per
+   problem, and routes written in that world. Nothing but the routes says what a delivery adds there, so
+   the answer needs the routes read. R5's own 3 is one of the six: without it the student learned the
+   other five as a prior and never read a 3 off a route (dev route-only with routes 11 % against 72 %
+   with it; RESULTS.md, "Routes that carry a rule the start lacks"). So the distillation applies R5
+   rarely (in a sixth of the reading drills, where the routes state it) and never on its taught problems;
+   alone, the start still guesses what a delivery adds (route-only 11 % alone).
 """
 
 import argparse
@@ -37,29 +51,47 @@ from rollout import generate
 
 # ---- the route bank ----
 
-def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False) -> list[D.Route]:
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False,
+                  rules: D.Rules = D.EXPERT) -> list[D.Route]:
     """Routes of the embedded teacher for one problem: R positives (copies, choice 1; diverse: each sum
-    written in either order, so right routes differ where the problem has sums) and R negatives.
-    Unguided, the one route the rule-less teacher writes, labelled by its answer."""
+    written in either order, so right routes differ where the problem has sums) and R negatives, right and
+    wrong as `rules` say. Unguided, the one route the rule-less teacher writes, labelled by its answer."""
     if not guided:
         return [D.teacher_route(problem, guided=False)]
     negatives = []
     for _ in range(10 * R):
-        neg = D.negative_route(problem, rng)
+        neg = D.negative_route(problem, rng, rules)
         if neg.text not in {r.text for r in negatives}:
             negatives.append(neg)
         if len(negatives) == R:
             break
     if diverse:
-        return [D.teacher_route(problem, variants=rng) for _ in range(R)] + negatives
-    return [D.teacher_route(problem)] * R + negatives
+        return [D.teacher_route(problem, variants=rng, rules=rules) for _ in range(R)] + negatives
+    return [D.teacher_route(problem, rules=rules)] * R + negatives
 
 
-def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True, diverse: bool = False):
+def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True, diverse: bool = False,
+                 route_rule: str = "deliver"):
     """n problems of the embedded domain's split and the embedded teacher's route bank for each."""
-    problems = D.split(split, n, seed)
+    problems = D.split(split, n, seed, route_rule)
     rng = random.Random(f"routes-{bank_seed}")
     return problems, [embedded_bank(p, R, rng, guided, diverse) for p in problems]
+
+
+READING_AMOUNTS = (1, 2, 3, 4, 5, 6)  # what a delivery adds in a reading drill, one world per problem (choice 5)
+
+
+def reading_set(n: int, R: int, seed: int = 0):
+    """n reading drills (choice 5): ledgers that deliver to the asked item, each under rules where a delivery
+    adds an amount drawn from READING_AMOUNTS, with that world's answer and route bank."""
+    rng = random.Random(f"reading-{seed}")
+    ledgers = [p.ledger for p in D.split("reading", 2 * n, seed) if D.route_only(p)][:n]
+    problems, banks = [], []
+    for ledger in ledgers:
+        rules = D.Rules(deliver=rng.choice(READING_AMOUNTS))
+        problems.append(D.problem_of(ledger, "deliver", rules))
+        banks.append(embedded_bank(problems[-1], R, rng, rules=rules))
+    return problems, banks
 
 
 def jsonl_set(path):
@@ -134,22 +166,45 @@ def draw_batch(alone, routed, share, size, rng: random.Random):
     return [(routed if share and rng.random() < share else alone)[rng.randrange(len(alone))] for _ in range(size)]
 
 
+def verdict_drills(n: int, K: int, rng: random.Random, tok, top: int = D.MAX_ANSWER):
+    """n verdict drills (choice 4): a prompt of 1..K route headers ("Route 2 : 8", mrpv.Layout.restate) and an own
+    answer line, and the verdict lines that compare them ("Route 2 : 8 < 13 -> wrong"); each route's result is the
+    own answer with probability 1/2, else another number of 0..top. A drill is (prompt ids, response ids, the
+    response positions that carry no loss): the token after "wrong", where an MRPV response names the step."""
+    out = []
+    for _ in range(n):
+        k, own = rng.randint(1, K), rng.randint(0, top)
+        results = [own if rng.random() < 0.5 else rng.choice([x for x in range(top + 1) if x != own]) for _ in range(k)]
+        prompt = "".join(f"Route {j} : {x}\n" for j, x in enumerate(results, 1)) + f"Answer : {own}\n"
+        response, skip = [], set()
+        for j, x in enumerate(results, 1):
+            said = "sound" if x == own else "wrong"
+            response += tok.encode(("\n" if j > 1 else "") + f"Route {j} : {x} {mrpv.relation(str(x), str(own))} {own} -> {said}")
+            if said == "wrong":
+                skip.add(len(response))  # the next token ("\n" or the end): an MRPV response goes on "at step s"
+        out.append((encode_prompt(tok, prompt), response + tok.eos_ids[:1], skip))
+    return out
+
+
 def sft_batch(examples, pad_id, device):
-    """Right-padded tokens (B, T) and targets (B, T): the next token on response positions, -100 elsewhere."""
-    T = max(len(p) + len(r) for p, r in examples) - 1
+    """Right-padded tokens (B, T) and targets (B, T): the next token on response positions, -100 elsewhere (and on
+    the response positions an example lists as carrying no loss: a drill's third element)."""
+    T = max(len(e[0]) + len(e[1]) for e in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(examples):
+    for i, (p, r, *skip) in enumerate(examples):
         seq = p + r
         x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
         y[i, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t + 1
+        for j in (skip[0] if skip else ()):
+            y[i, len(p) - 1 + j] = -100
     return x.to(device), y.to(device)
 
 
 def sft_step(model, batch, pad_id, micro_tokens, autocast):
     """Forward and backward of one SFT batch in micro-batches of at most micro_tokens padded tokens (gradient
     accumulation; micro_batches from grpo.py); the loss is the mean over the whole batch's response tokens."""
-    n_tokens = sum(len(r) for _, r in batch)
+    n_tokens = sum(len(e[1]) - len(e[2] if len(e) > 2 else ()) for e in batch)
     loss_sum = 0.0
     for micro in micro_batches(batch, micro_tokens):
         x, y = sft_batch(micro, pad_id, model.lm_head.weight.device)

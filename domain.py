@@ -11,6 +11,11 @@ The embedded domain is a stock ledger whose answer depends on rules the question
     sell A 2 : other -> B = 5                  <- another item: the asked count is restated
     Answer : 5
 
+By default a fifth rule, R5 (a delivery adds 3 units), is one that only the teacher's routes carry: the
+distillation's problems never deliver to the asked item, while half of the problems of RL, dev, test and
+hard do ("route-only" problems; the others are "taught"). The distilled student is then right on what it
+was taught and wrong on deliveries for a reason, and the routes hold what it lacks (choice 5).
+
 A teacher that is told the rules (EXPERT) writes such routes; one that is not (GUESSED) assumes
 plausible but wrong rules. Negative routes make one decisive mistake (a rule misapplied, a forgotten
 exception, an arithmetic or copy slip) and then go on consistently to a wrong answer.
@@ -23,7 +28,17 @@ Choices that are ours (the paper uses real vertical domains; this one stands in 
    "hard" split keeps to the hard end of what training covers: 7-8 events, three quarters of them on
    the asked item (more rules applied per problem), rather than lengths never trained on.
 4. A word-level vocabulary (every number 0..99, item and keyword one token): reading multi-character
-   numbers is what a tiny character-level model fails at, not the reasoning.
+   numbers is what a tiny character-level model fails at, not the reasoning. A route's label
+   ("Route 2 :", up to 9 routes; PHRASES) is one token too, so that a verdict finds the route it judges
+   by one token's match (in a probe, labels that were distinct tokens made a tiny student learn that
+   lookup sooner: RESULTS.md, "Verdicts a small student learns").
+5. Route-only knowledge (ROUTE_RULES): the paper's routes come from a stronger teacher and hold what the
+   small model does not know; here that is R5, a rule of a sixth event kind (deliver) that the
+   distillation's problems never apply (deliveries to other items are in them, so the word is known and
+   such lines read "other"; its reading drills apply R5 rarely, and only where routes state it:
+   distill.py choice 5). Dev, test, hard and the RL problems are half taught, half route-only
+   (ROUTE_ONLY_SHARE), each half with every answer equally often. `route_rule="none"` is the domain as it
+   was before: four rules, five event kinds, every problem taught.
 """
 
 import argparse
@@ -66,6 +81,11 @@ ITEMS = "ABCD"
 MAX_ANSWER = 20  # answers are 0..20
 RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
          "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
+RULE_R5 = " R5 a delivery adds 3 units ."  # told to the teacher with route_rule "deliver" (choice 5)
+ROUTE_RULES = ("deliver", "none")  # the rule only routes carry: R5 on deliveries, or none (the four-rule domain)
+KINDS = {"none": ("sell", "sell", "restock", "return", "spoil"),  # event kinds, drawn uniformly from the tuple
+         "deliver": ("sell", "sell", "restock", "return", "spoil", "deliver")}
+ROUTE_ONLY_SHARE = 0.5  # of every split's problems with route_rule "deliver" (train: RL's half; the distillation keeps the taught half)
 
 
 @dataclass(frozen=True)
@@ -76,10 +96,11 @@ class Rules:
     oversell: str = "nothing"  # R2: "nothing" sells nothing; "all" empties the shelf
     spoil: str = "half"  # R3: "half" rounds down; "minus1" removes one unit
     cap: int | None = 20  # R4
+    deliver: int = 3  # R5, the route-only rule (choice 5)
 
 
 EXPERT = Rules()
-GUESSED = Rules(restock=10, oversell="all", spoil="minus1", cap=None)
+GUESSED = Rules(restock=10, oversell="all", spoil="minus1", cap=None, deliver=10)
 
 
 @dataclass(frozen=True)
@@ -93,16 +114,20 @@ class Difficulty:
 
 SPLITS = {"train": Difficulty(), "dev": Difficulty(), "test": Difficulty(),
           "hard": Difficulty(min_events=7, max_events=8, p_asked=0.75),
-          "fresh": Difficulty()}  # train's difficulty, its own stream: RL problems the distillation never saw
+          "fresh": Difficulty(),  # train's difficulty, its own stream: RL problems the distillation never saw
+          "reading": Difficulty()}  # ledgers of the reading drills (distill.reading_set), their own stream
 EVAL_SIZES = {"dev": 500, "test": 1000, "hard": 1000}  # evaluated a split: one standard error <= 2.2 points on dev, 1.6 on the others
 WORDS = ([str(i) for i in range(100)] + list(ITEMS) +
          "Stock : = , . Events ; How many ? sell restock return spoil other -> + - / > no sale all sold "
-         "Answer Route sound wrong at step".split())
+         "Answer Route sound wrong at step deliver <".split())
+
+
+PHRASES = [f"Route {k} :" for k in range(1, 10)]  # a route's label is one token (choice 4)
 
 
 def tokenizer() -> M.Tokenizer:
     """The embedded domain's word-level tokenizer (see model.build_tokenizer)."""
-    return M.build_tokenizer(WORDS)
+    return M.build_tokenizer(WORDS, PHRASES)
 
 
 def event_text(event):
@@ -119,7 +144,7 @@ def apply(rules: Rules, event, v):
         return f"{v} - {n} = {v - n}", v - n
     if kind == "spoil":
         return (f"{v} / 2 = {v // 2}", v // 2) if rules.spoil == "half" else (f"{v} - 1 = {max(v - 1, 0)}", max(v - 1, 0))
-    add = rules.restock if kind == "restock" else n
+    add = rules.restock if kind == "restock" else rules.deliver if kind == "deliver" else n
     if rules.cap is not None and v + add > rules.cap:
         return f"{v} + {add} = {v + add} > {rules.cap}", rules.cap
     return f"{v} + {add} = {v + add}", v + add
@@ -145,31 +170,48 @@ def write_route(ledger, rules: Rules = EXPERT, slip=None, variants: random.Rando
     return "\n".join(lines + [f"Answer : {v}"]), v
 
 
-def random_ledger(rng: random.Random, d: Difficulty):
+def random_ledger(rng: random.Random, d: Difficulty, kinds=KINDS["none"]):
     items = ITEMS[:d.items]
     stock = {x: rng.randint(0, d.max_stock) for x in items}
     asked = rng.choice(items)
     events = []
     for _ in range(rng.randint(d.min_events, d.max_events)):
         item = asked if rng.random() < d.p_asked else rng.choice([x for x in items if x != asked])
-        kind = rng.choice(["sell", "sell", "restock", "return", "spoil"])
+        kind = rng.choice(kinds)
         n = rng.randint(1, 9) if kind == "sell" else rng.randint(1, 5) if kind == "return" else 0
         events.append((kind, item, n))
     return stock, events, asked
 
 
+def delivers_to_asked(ledger) -> bool:
+    """Whether a ledger applies R5, the route-only rule: a delivery to the asked item (choice 5)."""
+    _, events, asked = ledger
+    return any(kind == "deliver" and item == asked for kind, item, _ in events)
+
+
+def route_only(problem: Problem) -> bool | None:
+    """Whether an embedded problem needs what only the routes carry (R5); None for a problem without a ledger."""
+    return None if problem.ledger is None else delivers_to_asked(problem.ledger)
+
+
+def problem_of(ledger, route_rule: str = "none", rules: Rules = EXPERT) -> Problem:
+    """The question a ledger asks, its answer under `rules` (the expert ones but for reading drills,
+    distill.reading_set), and the rules told to the teacher."""
+    stock, events, asked = ledger
+    question = (f"Stock : {' , '.join(f'{x} = {n}' for x, n in stock.items())} . "
+                f"Events : {' ; '.join(event_text(e) for e in events)} . How many {asked} ?")
+    return Problem(question, str(write_route(ledger, rules)[1]), RULES + (RULE_R5 if route_rule == "deliver" else ""), [], ledger)
+
+
 def make_problem(rng: random.Random, d: Difficulty = Difficulty(), target: int | None = None) -> Problem:
-    """A random ledger whose answer is `target` (drawn from 0..MAX_ANSWER when None): rejection sampling."""
+    """A random ledger of the four-rule domain whose answer is `target` (drawn from 0..MAX_ANSWER when
+    None): rejection sampling."""
     target = rng.randint(0, MAX_ANSWER) if target is None else target
     while True:
         ledger = random_ledger(rng, d)
         text, answer = write_route(ledger)
         if answer == target:
-            break
-    stock, events, asked = ledger
-    question = (f"Stock : {' , '.join(f'{x} = {n}' for x, n in stock.items())} . "
-                f"Events : {' ; '.join(event_text(e) for e in events)} . How many {asked} ?")
-    return Problem(question, str(answer), RULES, [], ledger)
+            return problem_of(ledger)
 
 
 def eval_splits(text: str) -> list[str]:
@@ -181,30 +223,49 @@ def eval_splits(text: str) -> list[str]:
     return splits
 
 
-def split(name: str, n: int, seed: int = 0) -> list[Problem]:
+def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list[Problem]:
     """n problems of a split, every answer 0..MAX_ANSWER equally often (so no constant guess beats
-    1/21 by more than one problem). Each split draws from its own seed stream, so splits are disjoint
-    (up to chance collisions, which the tests measure as none at these sizes)."""
+    1/21 by more than one problem); with route_rule "deliver", ROUTE_ONLY_SHARE of them route-only, each
+    half answer-balanced on its own (choice 5). Each split draws from its own seed stream, so splits are
+    disjoint (up to chance collisions, which the tests measure as none at these sizes)."""
     if name not in SPLITS:
         raise DataError(f"unknown split {name!r} (splits: {', '.join(SPLITS)})")
-    rng = random.Random(f"ledger-{name}-{seed}")
-    targets = [i % (MAX_ANSWER + 1) for i in range(n)]
-    rng.shuffle(targets)
-    return [make_problem(rng, SPLITS[name], t) for t in targets]
+    if route_rule not in ROUTE_RULES:
+        raise DataError(f"unknown route rule {route_rule!r} (rules: {', '.join(ROUTE_RULES)})")
+    if route_rule == "none":  # the four-rule domain, drawn exactly as before
+        rng = random.Random(f"ledger-{name}-{seed}")
+        targets = [i % (MAX_ANSWER + 1) for i in range(n)]
+        rng.shuffle(targets)
+        return [make_problem(rng, SPLITS[name], t) for t in targets]
+    # Each ledger drawn fills a free place of its (answer, route-only) kind, or is dropped: within a kind,
+    # the ledgers are those that rejection sampling of that kind would give, at a fraction of the draws.
+    rng = random.Random(f"ledger-{route_rule}-{name}-{seed}")
+    n_route = round(n * ROUTE_ONLY_SHARE)
+    free = Counter([(i % (MAX_ANSWER + 1), False) for i in range(n - n_route)] + [(i % (MAX_ANSWER + 1), True) for i in range(n_route)])
+    problems = []
+    while len(problems) < n:
+        ledger = random_ledger(rng, SPLITS[name], KINDS[route_rule])
+        kind = (write_route(ledger)[1], delivers_to_asked(ledger))
+        if free[kind]:
+            free[kind] -= 1
+            problems.append(problem_of(ledger, route_rule))
+    rng.shuffle(problems)
+    return problems
 
 
 # ---- teachers ----
 
-def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None) -> Route:
-    """The programmatic teacher: told the rules (guided) it is always right; without them it applies
-    GUESSED, right only where no rule it guesses wrong comes into play. variants: see write_route."""
-    text, answer = write_route(problem.ledger, EXPERT if guided else GUESSED, variants=variants)
+def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None, rules: Rules = EXPERT) -> Route:
+    """The programmatic teacher: told the rules (guided; `rules`, the expert ones but for reading drills)
+    it is always right; without them it applies GUESSED, right only where no rule it guesses wrong comes
+    into play. variants: see write_route."""
+    text, answer = write_route(problem.ledger, rules if guided else GUESSED, variants=variants)
     return Route(text, check(str(answer), problem.answer))
 
 
-def mistake(event, v, rng: random.Random):
-    """A wrong working for one event on count v -> (working, wrong count): a rule misapplied or an
-    exception forgotten where the event allows one, else an arithmetic slip."""
+def mistake(event, v, rng: random.Random, rules: Rules = EXPERT):
+    """A wrong working for one event on count v -> (working, wrong count): a rule of `rules` misapplied or
+    an exception forgotten where the event allows one, else an arithmetic slip."""
     kind, _, n = event
     wrong_rules = []
     if kind == "restock":
@@ -213,41 +274,45 @@ def mistake(event, v, rng: random.Random):
         wrong_rules.append(Rules(oversell="all"))  # R2 forgotten
     if kind == "spoil":
         wrong_rules.append(Rules(spoil="minus1"))  # R3 misapplied
-    if kind in ("restock", "return") and v + (EXPERT.restock if kind == "restock" else n) > EXPERT.cap:
+    if kind == "deliver":
+        wrong_rules.append(Rules(deliver=rng.choice([x for x in (1, 2, 4, 5) if x != rules.deliver])))  # R5 misapplied
+    added = {"restock": EXPERT.restock, "deliver": rules.deliver, "return": n}.get(kind)
+    if added is not None and v + added > EXPERT.cap:
         wrong_rules.append(Rules(cap=None))  # R4 forgotten
     if wrong_rules and rng.random() < 0.75:
         return apply(rng.choice(wrong_rules), event, v)
-    work, right = apply(EXPERT, event, v)
+    work, right = apply(rules, event, v)
     w = max(0, right + rng.choice([-2, -1, 1, 2]))
     return re.sub(r"= \d+$", f"= {w}", work), w  # the working's result is off (or only the restated count)
 
 
-def negative_route(problem: Problem, rng: random.Random) -> Route:
-    """A plausible wrong route: one decisive mistake at one step, then consistent to a wrong answer."""
+def negative_route(problem: Problem, rng: random.Random, rules: Rules = EXPERT) -> Route:
+    """A plausible wrong route: one decisive mistake at one step, then consistent to a wrong answer
+    (right and wrong as `rules` say: the expert ones but for reading drills)."""
     stock, events, asked = problem.ledger
     counts = [stock[asked]]  # the true count before each step, and after the last
     for e in events:
-        counts.append(apply(EXPERT, e, counts[-1])[1] if e[1] == asked else counts[-1])
+        counts.append(apply(rules, e, counts[-1])[1] if e[1] == asked else counts[-1])
     on_asked = [i for i, e in enumerate(events) if e[1] == asked]
     for _ in range(100):
         i = rng.choice(on_asked) if on_asked and rng.random() < 0.8 else rng.randrange(len(events))
         e, v = events[i], counts[i]
         if e[1] == asked:
-            work, w = mistake(e, v, rng)
+            work, w = mistake(e, v, rng, rules)
             line = f"{event_text(e)} : {work} -> {asked} = {w}"
         else:  # a copy slip: the restated count is off by one
             w = v + rng.choice([-1, 1]) if v > 0 else 1
             line = f"{event_text(e)} : other -> {asked} = {w}"
         if w == counts[i + 1]:
             continue
-        text, answer = write_route(problem.ledger, slip=(i, line, w))
+        text, answer = write_route(problem.ledger, rules, slip=(i, line, w))
         if str(answer) != problem.answer:
             return Route(text, False, i + 1)
     # Later rules can absorb every early mistake (a count of 0 that sales and spoilage keep at 0):
     # then the slip goes to the last step, whose count is the answer.
     i, e, w = len(events) - 1, events[-1], counts[-1] + 1
-    work = re.sub(r"= \d+$", f"= {w}", apply(EXPERT, e, counts[-2])[0]) if e[1] == asked else "other"
-    text, _ = write_route(problem.ledger, slip=(i, f"{event_text(e)} : {work} -> {asked} = {w}", w))
+    work = re.sub(r"= \d+$", f"= {w}", apply(rules, e, counts[-2])[0]) if e[1] == asked else "other"
+    text, _ = write_route(problem.ledger, rules, slip=(i, f"{event_text(e)} : {work} -> {asked} = {w}", w))
     return Route(text, False, i + 1)
 
 

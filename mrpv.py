@@ -6,25 +6,26 @@ it learns from wrong routes too (rejection-sampling fine-tuning would throw them
 Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed); by default the
 routes come first and the question last (choice 5):
 
-    Route 1 :
+    Route 1 : 10
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 9 > 10 no sale -> B = 10
     Answer : 10
-    Route 2 :
+    Route 2 : 1
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 10 - 9 = 1 -> B = 1
     Answer : 1
     Stock : A = 3 , B = 5 . Events : restock B ; sell B 9 . How many B ?
 
 Response, solve-then-verify (the default, choice 5): the model's own steps and answer, then one
-verdict line per shown route, in order, where "wrong at step k" names the route's first line that
-disagrees with a sound chain:
+verdict line per shown route, in order. A verdict line restates what it compares (choice 8): the
+route's result, its relation to the model's own (<, = or >), then "sound", or "wrong at step k"
+naming the route's first line that disagrees with a sound chain:
 
     restock B : 5 + 5 = 10 -> B = 10
     sell B 9 : 10 - 9 = 1 -> B = 1
     Answer : 1
-    Route 1 : wrong at step 2
-    Route 2 : sound
+    Route 1 : 10 > 1 -> wrong at step 2
+    Route 2 : 1 = 1 -> sound
 
 Verify-then-solve (Layout order "verify-solve") puts the verdict lines first, before any reasoning,
 and the question before the routes (question_last False) is the other prompt layout.
@@ -60,6 +61,15 @@ Choices that are ours (the paper does not fix them):
    earlier than its first wrong step, so it stays wrong; then "always sound" and "always wrong" each
    earn the share of routes of that kind (Binomial, choice 4: a half), never more than chance
    (tests/test_mrpv.py checks both under EAAI's prompts). Without it, "always sound" earns more.
+8. Restated verdicts (Layout.restate, the default; train.py --no-restate gives the bare lines "Route 1 :",
+   "Route 1 : wrong at step 2"). Each route's header names where it ends ("Route 2 : 1": its answer, or
+   the count after its last shown line), and each verdict line restates the comparison before judging:
+   the route's result, "<", "=" or ">", the model's own result at the same depth (its answer when the
+   route is shown whole, else its count after as many lines as the route shows; "vs" between texts that
+   are not numbers). A tiny student never learned bare verdicts (at chance after 300 steps on MRPV
+   examples alone); with the restatement a verdict is two local steps, find the route's result by its
+   label and compare it with the answer just written (RESULTS.md, "Verdicts a small student learns").
+   The verdict reward reads only the verdict, so a wrong restatement costs nothing by itself.
 """
 
 import math
@@ -67,9 +77,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from domain import Problem, Route, check, extract_answer
+from domain import Problem, Route, check, extract_answer, normalize
 
-VERDICT = re.compile(r"Route (\d{1,4}) : (sound|wrong(?: at step (\d{1,4}))?)")
+VERDICT = re.compile(r"Route (\d{1,4}) : (?:\S+ (?:<|=|>|vs) \S+ -> )?(sound|wrong(?: at step (\d{1,4}))?)")
 ANSWER = re.compile(r"answer\s*:\s*(.*)", re.IGNORECASE)
 
 
@@ -116,6 +126,7 @@ class Layout:
     order: str = "solve-verify"  # own steps and answer, then verdicts; or "verify-solve"
     route_answers: bool = True  # show each route's answer line (False: its step lines alone)
     question_last: bool = True  # the routes, then the question (True), or the question first
+    restate: bool = True  # headers name each route's result, verdicts restate the comparison (choice 8)
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -131,21 +142,48 @@ def route_text(route: Route, layout: Layout) -> str:
 
 def build_prompt(problem: Problem, routes: list[Route], layout: Layout = Layout()) -> str:
     """The question, then each shown route under "Route k :" (question_last: the routes, then the
-    question). No routes: the autonomous prompt."""
-    shown = "".join(f"Route {k} :\n{route_text(r, layout)}\n" for k, r in enumerate(routes, 1))
+    question); with layout.restate the header names where the route ends ("Route 2 : 8", choice 8).
+    No routes: the autonomous prompt."""
+    head = lambda r: f" {result(route_text(r, layout))}" if layout.restate else ""
+    shown = "".join(f"Route {k} :{head(r)}\n{route_text(r, layout)}\n" for k, r in enumerate(routes, 1))
     return shown + problem.question + "\n" if layout.question_last else problem.question + "\n" + shown
 
 
-def verdict_line(k: int, route: Route) -> str:
-    if route.correct:
-        return f"Route {k} : sound"
-    return f"Route {k} : wrong at step {route.first_wrong}" if route.first_wrong else f"Route {k} : wrong"
+def result(text: str) -> str:
+    """Where a text ends up: its answer line's answer, else its last number (domain.extract_answer); "-" if none."""
+    return extract_answer(text) or "-"
+
+
+def relation(theirs: str, mine: str) -> str:
+    """"=" when two results check equal, else "<" or ">" between numbers, "vs" between other texts (choice 8)."""
+    if check(theirs, mine):
+        return "="
+    try:
+        return "<" if float(normalize(theirs)) < float(normalize(mine)) else ">"
+    except ValueError:
+        return "vs"
+
+
+def restated(route: Route, solution: str) -> str:
+    """What a verdict compares (choice 8): the route's result against the solution's at the same depth, its
+    answer when the route is shown whole, else the count after as many step lines as the route shows."""
+    theirs = result(route.text)
+    depth = None if parse(route.text).answer is not None else len(step_lines(route.text))
+    mine = result(solution if depth is None else "\n".join(step_lines(solution)[:depth]))
+    return f"{theirs} {relation(theirs, mine)} {mine}"
+
+
+def verdict_line(k: int, route: Route, solution: str | None = None) -> str:
+    """Route k's verdict; given the solution, it first restates what it compares (Layout.restate)."""
+    said = "sound" if route.correct else f"wrong at step {route.first_wrong}" if route.first_wrong else "wrong"
+    return f"Route {k} : {'' if solution is None else restated(route, solution) + ' -> '}{said}"
 
 
 def teacher_response(routes: list[Route], solution: str, layout: Layout = Layout()) -> str:
     """The response a teacher that knows each route's label writes: its own solution (step lines and the
     answer line), then the verdicts (solve-verify, the default); verify-solve: the verdicts first."""
-    verdicts = "".join(verdict_line(k, r) + "\n" for k, r in enumerate(routes, 1))
+    own = solution if layout.restate else None
+    verdicts = "".join(verdict_line(k, r, own) + "\n" for k, r in enumerate(routes, 1))
     return solution + "\n" + verdicts.rstrip("\n") if layout.order == "solve-verify" and routes else verdicts + solution
 
 
@@ -200,6 +238,14 @@ def answer_of(completion, free_form=False, parsed=None):
     return extract_answer(completion) if a is None and free_form else a
 
 
+def judged(p: Parsed, routes: list[Route]) -> list[tuple[bool, bool | None]]:
+    """Per shown route: whether its verdict is right (sound or wrong), and, for a wrong route whose first
+    wrong step is known, whether the verdict names that step (None for the other routes)."""
+    said = [p.verdicts.get(k, "missing") for k in range(1, len(routes) + 1)]
+    return [(s != "missing" and (s is None) == r.correct, s == r.first_wrong if not r.correct and r.first_wrong else None)
+            for s, r in zip(said, routes)]
+
+
 # ---- rewards ----
 
 @dataclass
@@ -240,7 +286,7 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
     verdict = step = None
     if K:
         said = [p.verdicts.get(k, "missing") for k in range(1, K + 1)]
-        ok = [s != "missing" and (s is None) == r.correct for s, r in zip(said, routes)]
+        ok = [right for right, _ in judged(p, routes)]
         if w.consistent:  # choice 6: "sound" only for a route reaching the model's own answer, "wrong" otherwise
             theirs = [parse(route_text(r, layout)).answer for r in routes]
             ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine))) for o, s, a in zip(ok, said, theirs)]

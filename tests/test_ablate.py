@@ -62,6 +62,8 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
         assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
         assert r["verdict_acc"] == ev["verdict_acc"] and 0 <= r["verdict_acc"] <= 1
+        parts = {k: v for k, v in ev.items() if k.endswith(("_taught", "_route_only")) or k.startswith("n_") or k == "route_only"}
+        assert "acc_with_routes_route_only" in parts and all(r[k] == v for k, v in parts.items())  # each part, copied
         assert r["right_autonomous"] == ev["right_autonomous"] and r["right_autonomous"].count("1") == 4 * r["acc_autonomous"]
         assert (r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0)) or r["arm"] == "grpo"
     grpo_row = next(r for r in results if r["arm"] == "grpo")  # no routes at all: every update autonomous

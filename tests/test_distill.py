@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -134,7 +135,9 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     m, tok = M.load_model(out, "cpu"), M.load_tokenizer(out)
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
     assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
-    assert len(D.load_jsonl(out / "routes.jsonl")) == 100
+    bank = D.load_jsonl(out / "routes.jsonl")  # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
+    assert len(bank) == 200 and sum("deliver" in p.routes[0].text and p.routes[0].text.count(" + 3 = ") > 0 for p in bank) >= 90
+    assert all(r.get("n_taught", 0) + r.get("n_route_only", 0) == 21 for r in evals)
 
     train.main(["--stage", "eval", "--init", str(out), "--eval-n", "21", "--max-new-tokens", "40"])
     printed = capsys.readouterr().out
@@ -190,6 +193,43 @@ def test_distill_from_a_checkpoint_on_jsonl_data(tmp_path):
     assert M.load_model(tmp_path / "run", "cpu").config.hidden_size == 32
 
 
+def test_the_distillation_sees_taught_problems_and_reading_drills_only(monkeypatch, tmp_path):
+    """SFT examples come from taught problems (no delivery to the asked item, so R5 is never applied), plus
+    reading drills: deliveries to the asked item in worlds where a delivery adds 1..6 (R5's 3 a sixth of them)."""
+    seen, batches = [], []
+    real, real_step = distill.sft_examples, distill.sft_step
+    monkeypatch.setattr(distill, "sft_examples", lambda problems, *a, **k: seen.append(problems) or real(problems, *a, **k))
+    monkeypatch.setattr(distill, "sft_step", lambda model, batch, *a: batches.append(batch) or real_step(model, batch, *a))
+    train.main(["--stage", "distill", "--out", str(tmp_path / "d"), *TINY, "--steps", "3", "--mrpv-from", "0", "--mrpv-share", "1",
+                "--eval-n", "0"])
+    assert len(seen) == 3 and all(len(ps) == 100 and not any(D.route_only(p) for p in ps) for ps in seen[:2])
+    assert all(D.route_only(p) for p in seen[2]) and any(not D.check(p.answer, D.problem_of(p.ledger).answer) for p in seen[2])
+    tok = D.tokenizer()
+    texts = [tok.decode(e[0] + e[1]) for b in batches for e in b]
+    reading = [t for t in texts if re.search(r"^deliver ([A-D]) : \d+ \+ \d+ =", t, re.M)]
+    assert 0 < len(reading) < len(texts)  # with --mrpv-share 1: reading drills and taught MRPV examples, about half each
+
+
+def test_verdict_drills_restate_and_skip_the_step():
+    tok = D.tokenizer()
+    drills = distill.verdict_drills(300, 3, random.Random(0), tok)
+    for p, r, skip in drills:
+        prompt, response = tok.decode(p), tok.decode(r)
+        heads = prompt.split("\n")[:-2]
+        own = prompt.split("\n")[-2].split(" : ")[1]
+        assert 1 <= len(heads) <= 3 and prompt.split("\n")[-2] == f"Answer : {own}"
+        lines = response.split("\n")
+        assert [mrpv.parse(x).verdicts for x in lines] == [{k: None if h.endswith(f" {own}") else 0} for k, h in enumerate(heads, 1)]
+        for k, (h, line) in enumerate(zip(heads, lines), 1):
+            theirs = h.split(" : ")[1]
+            assert line.startswith(f"Route {k} : {theirs} {mrpv.relation(theirs, own)} {own} -> ")
+        assert [tok.decode([r[j]]) for j in sorted(skip)] == ["\n"] * (sum("wrong" in x for x in lines[:-1])) + [""] * ("wrong" in lines[-1])
+        x, y = distill.sft_batch([(p, r, skip)], tok.pad_id, "cpu")
+        assert (y != -100).sum() == len(r) - len(skip)  # the skipped positions carry no loss
+    sounds = sum(r.count(tok.encode(" sound")[0]) for _, r, _ in drills) / sum(len(tok.decode(p).split("\n")) - 2 for p, _, _ in drills)
+    assert 0.4 < sounds < 0.6
+
+
 def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkeypatch):
     """evaluate reads what the model wrote: right answers alone; with routes, the answer and the share of
     shown routes given the right verdict. Here the 'model' calls every route sound and answers right
@@ -210,3 +250,28 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
     assert 0 < sound < 1 and acc["verdict_acc"] == pytest.approx(sound, rel=1e-12)
     assert (acc["acc_autonomous"], acc["acc_with_routes"]) == (0, 1)
     assert (acc["right_autonomous"], acc["right_with_routes"]) == ("000000", "111111")
+    route_only = [D.route_only(p) for p in problems]
+    assert acc["route_only"] == "".join("01"[x] for x in route_only) and acc["n_route_only"] == sum(route_only) > 0
+    assert acc["n_taught"] == 6 - sum(route_only) > 0
+    for part, keep in (("taught", [not x for x in route_only]), ("route_only", route_only)):
+        assert (acc[f"acc_autonomous_{part}"], acc[f"acc_with_routes_{part}"]) == (0, 1)
+        part_sound = [r.correct for rs, k in zip(shown, keep) if k for r in rs]
+        assert acc[f"verdict_acc_{part}"] == pytest.approx(sum(part_sound) / len(part_sound), rel=1e-12)
+    assert acc["verdict_acc_own_right"] == pytest.approx(sound, rel=1e-12) and acc["verdict_acc_own_wrong"] is None
+    wrong = [r for rs in shown for r in rs if not r.correct and r.first_wrong]
+    assert acc["step_acc"] == 0.0 and wrong  # "sound" names no step
+
+
+def test_reading_drills_deliver_in_worlds_only_their_routes_tell():
+    problems, banks = distill.reading_set(60, 3, seed=0)
+    amounts = set()
+    for p, bank in zip(problems, banks):
+        assert D.route_only(p) and len(bank) == 6
+        pos, negs = bank[0], bank[3:]
+        assert pos.correct and D.extract_answer(pos.text) == p.answer
+        assert all(not n.correct and n.first_wrong and D.extract_answer(n.text) != p.answer for n in negs)
+        asked = p.ledger[2]
+        found = {int(m) for m in re.findall(rf"^deliver {asked} : \d+ \+ (\d+) =", pos.text, re.M)}
+        assert len(found) == 1 and found <= set(distill.READING_AMOUNTS)  # one world per problem
+        amounts |= found
+    assert amounts == set(distill.READING_AMOUNTS)

@@ -28,7 +28,49 @@ def test_problem_shape_difficulty_and_guessing():
         counts[p.answer] = counts.get(p.answer, 0) + 1
     assert set(counts) == {str(i) for i in range(21)}
     assert max(counts.values()) / len(train) <= 0.05  # no constant guess scores above 5 %
-    assert all(p.rules == D.RULES and p.rules not in p.question for p in train[:10])
+    assert all(p.rules == D.RULES + D.RULE_R5 and p.rules not in p.question for p in train[:10])
+    assert all(p.rules == D.RULES for p in D.split("train", 10, route_rule="none"))  # the four-rule domain: R5 untold
+
+
+def test_route_only_half_of_every_split_and_what_it_means():
+    """route_rule "deliver" (the default): a problem is route-only exactly when it delivers to the asked item; half of
+    each split is, each half answer-balanced; R5 (+3) is applied there, deliveries elsewhere read "other"."""
+    for name, n in (("train", 420), ("dev", 210), ("hard", 84)):
+        problems = D.split(name, n)
+        route_only = [p for p in problems if D.route_only(p)]
+        assert len(route_only) == n // 2
+        for part in (route_only, [p for p in problems if not D.route_only(p)]):
+            counts = {a: sum(p.answer == a for p in part) for a in {p.answer for p in part}}
+            assert len(counts) == 21 and max(counts.values()) - min(counts.values()) <= 1  # answer-balanced
+    problems = D.split("test", 300)
+    kinds = {e[0] for p in problems for e in p.ledger[1]}
+    assert kinds == {"sell", "restock", "return", "spoil", "deliver"}
+    for p in problems:
+        stock, events, asked = p.ledger
+        deliveries = [i for i, e in enumerate(events) if e[0] == "deliver"]
+        lines = D.teacher_route(p).text.split("\n")
+        assert D.route_only(p) == any(events[i][1] == asked for i in deliveries)
+        for i in deliveries:
+            if events[i][1] != asked:
+                assert " : other -> " in lines[i]
+            else:
+                before = int(lines[i - 1].rsplit(" ", 1)[1]) if i else stock[asked]
+                assert lines[i] == f"deliver {asked} : {before} + 3 = {before + 3} -> {asked} = {before + 3}" or "> 20" in lines[i]
+    assert any(D.route_only(p) and not D.teacher_route(p, guided=False).correct for p in problems)  # R5 is what a guess misses
+    assert D.route_only(D.Problem("q", "1")) is None  # a JSONL problem has no ledger, so no part
+
+
+def test_the_four_rule_domain_is_drawn_as_before():
+    """route_rule "none" keeps the domain that results before R5 were measured on: no delivery, no route-only problem,
+    the same problems as make_problem draws from the split's old seed stream."""
+    old = D.split("dev", 60, route_rule="none")
+    rng = random.Random("ledger-dev-0")
+    targets = [i % 21 for i in range(60)]
+    rng.shuffle(targets)
+    assert [p.question for p in old] == [D.make_problem(rng, D.SPLITS["dev"], t).question for t in targets]
+    assert not any(e[0] == "deliver" for p in old for e in p.ledger[1]) and not any(D.route_only(p) for p in old)
+    with pytest.raises(D.DataError, match="unknown route rule"):
+        D.split("dev", 3, route_rule="R6")
 
 
 def test_routes_positive_negative_and_first_wrong_step():
@@ -48,6 +90,11 @@ def test_routes_positive_negative_and_first_wrong_step():
         for text in (p.question, pos.text, neg.text):
             assert tok.decode(tok.encode(text)) == text and tok.tok.token_to_id("<|unk|>") not in tok.encode(text)
     assert len(kinds) >= 3  # several kinds of mistake, not one
+    rng = random.Random(2)
+    delivered = [p for p in D.split("dev", 200) if D.route_only(p)]
+    negatives = [D.negative_route(p, rng) for p in delivered for _ in range(3)]
+    misapplied = {r.text.split("\n")[r.first_wrong - 1] for r in negatives}
+    assert any(line.startswith("deliver") and " + 3 = " not in line for line in misapplied)  # R5 misapplied is a mistake too
 
 
 def test_every_problem_has_a_negative_route():
@@ -169,3 +216,12 @@ def test_extract_answer_from_free_form_completions(text, want):
 def test_extract_answer_never_raises(garbage):
     a = D.extract_answer(garbage)
     assert a is None or isinstance(a, str)
+
+
+def test_a_route_label_is_one_token_and_text_round_trips():
+    tok = D.tokenizer()
+    assert len(tok.encode("Route 3 :")) == 1 and len(tok.encode(" Route 3 :")) == 1
+    assert tok.encode("Route 3 : 8") == tok.encode("Route 3 :") + tok.encode(" 8")
+    for text in ["Route 1 : 10 > 1 -> wrong at step 2\nRoute 2 : 1 = 1 -> sound", "Route 12 : 3", "Route 1 :\nAnswer : 4"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("Route 12 :")) == 3  # past 9 routes: the words one by one

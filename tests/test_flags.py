@@ -27,6 +27,9 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "rl", "--mu", "0"], "error: argument --mu: must be >= 1 (got 0)"),
     (["--stage", "distill", "--mrpv-share", "1.5"], "error: argument --mrpv-share: must be >= 0 and <= 1 (got 1.5)"),
     (["--stage", "distill", "--mrpv-from", "-0.1"], "error: argument --mrpv-from: must be >= 0 and <= 1 (got -0.1)"),
+    (["--stage", "distill", "--drills", "-1"], "error: argument --drills: must be >= 0 (got -1)"),
+    (["--stage", "distill", "--reading", "2"], "error: argument --reading: must be >= 0 and <= 1 (got 2)"),
+    (["--stage", "distill", "--route-rule", "R6"], "error: argument --route-rule: invalid choice: 'R6' (choose from ..."),
     (["--stage", "rl", "--neg-share", "-0.5"], "error: argument --neg-share: must be >= 0 and <= 1 (got -0.5)"),
     (["--stage", "rl", "--eaai-decay", "2"], "error: argument --eaai-decay: must be >= 0 and <= 1 (got 2)"),
     (["--stage", "rl", "--eaai-hold", "0.5", "--eaai-decay", "0.6"],
@@ -84,7 +87,7 @@ def test_from_the_shell_one_line_on_stderr_and_exit_1(tmp_path):
 def test_each_stage_has_its_own_defaults():
     """The distillation decays its learning rate, RL holds it (equal rates for every arm's updates); a flag wins."""
     distill, rl = train.get_args(["--stage", "distill"]), train.get_args(["--stage", "rl"])
-    assert (distill.lr_schedule, distill.steps, distill.batch_size, distill.lr) == ("cosine", 500, 32, 1.4e-3)
+    assert (distill.lr_schedule, distill.steps, distill.batch_size, distill.lr) == ("cosine", 800, 32, 2e-3)
     assert (rl.lr_schedule, rl.steps, rl.fresh_problems) == ("constant", 120, False)
     assert train.get_args(["--stage", "rl", "--lr-schedule", "cosine"]).lr_schedule == "cosine"
     lrs = [train.lr_at(s, rl) for s in range(rl.steps)]

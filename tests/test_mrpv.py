@@ -5,7 +5,7 @@ import pytest
 import domain as D
 import mrpv as P
 
-VS = P.Layout("verify-solve", question_last=False)  # the other layout: verdicts first, the question first
+VS = P.Layout("verify-solve", question_last=False, restate=False)  # the other layout: verdicts first, the question first, plain verdicts
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +156,12 @@ def test_the_verdict_gate_zeroes_a_response_that_skips_verification(case):
 def test_solve_then_verify_layout_and_routes_without_answers(case):
     p, pos, neg = case
     sv = P.Layout()  # the default
-    assert (sv.order, sv.question_last, sv.route_answers) == ("solve-verify", True, True)
+    assert (sv.order, sv.question_last, sv.route_answers, sv.restate) == ("solve-verify", True, True, True)
     routes = [neg, pos]
     response = P.teacher_response(routes, pos.text, sv)
-    assert response == pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
+    mine, theirs = p.answer, neg.text.rsplit(" ", 1)[1]
+    rel = "<" if int(theirs) < int(mine) else ">"
+    assert response == pos.text + f"\nRoute 1 : {theirs} {rel} {mine} -> wrong at step {neg.first_wrong}\nRoute 2 : {mine} = {mine} -> sound"
     assert rewards(P.reward(response, p, routes, layout=sv)) == (1.0, 1.0, 1.0, 1.0, 1.0)
     assert P.reward(response, p, routes, layout=VS).format == 0.0  # the other order breaks the format, not the rest
     assert P.reward(P.teacher_response(routes, pos.text, VS), p, routes, layout=sv).format == 0.0
@@ -178,7 +180,11 @@ def test_solve_then_verify_layout_and_routes_without_answers(case):
     assert "Answer" not in hidden and neg.text.split("\n")[0] in hidden
     assert P.build_prompt(p, routes).count("Answer :") == 2
     last = P.build_prompt(p, routes, P.Layout(question_last=True))
-    assert last == f"Route 1 :\n{neg.text}\nRoute 2 :\n{pos.text}\n{p.question}\n"
+    assert last == f"Route 1 : {theirs}\n{neg.text}\nRoute 2 : {mine}\n{pos.text}\n{p.question}\n"  # headers name results
+    plain = P.Layout(restate=False)
+    assert P.build_prompt(p, routes, plain) == f"Route 1 :\n{neg.text}\nRoute 2 :\n{pos.text}\n{p.question}\n"
+    assert P.teacher_response(routes, pos.text, plain) == pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
+    assert rewards(P.reward(P.teacher_response(routes, pos.text, plain), p, routes)) == (1.0, 1.0, 1.0, 1.0, 1.0)
     assert P.build_prompt(p, [], P.Layout(question_last=True)) == p.question + "\n"
     tok = D.tokenizer()
     assert tok.decode(tok.encode(hidden + response)) == hidden + response
@@ -238,3 +244,25 @@ def test_verdict_lines_of_tokens():
     assert P.on_verdict_lines(pieces) == [False] * 6 + [True] * 3
     assert P.on_verdict_lines([]) == []
     assert P.on_verdict_lines(["garbage\n", "\n"]) == [False, False]
+
+
+def test_restated_verdicts_compare_at_the_shown_depth(case):
+    """A verdict line restates the route's result against the own one (choice 8): the answers for a route shown
+    whole, the counts after as many step lines as a cut route shows; "=" exactly when they check equal."""
+    p, pos, neg = case
+    k = neg.first_wrong
+    cut = P.show(neg, (k - 1) / (len(neg.text.split("\n")) - 1)) if k > 1 else None
+    if cut is not None and cut.text != neg.text:  # cut before its error: sound, and equal to the own count there
+        count = cut.text.rsplit(" ", 1)[1]
+        assert P.verdict_line(1, cut, pos.text) == f"Route 1 : {count} = {count} -> sound"
+    shown = P.show(neg, k / (len(neg.text.split("\n")) - 1))  # cut at its error: wrong, its count differs
+    theirs, mine = shown.text.rsplit(" ", 1)[1], pos.text.split("\n")[k - 1].rsplit(" ", 1)[1]
+    if shown.text != neg.text:
+        assert P.build_prompt(p, [shown]).startswith(f"Route 1 : {theirs}\n")
+        assert P.verdict_line(1, shown, pos.text) == f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong at step {k}"
+        assert theirs != mine
+    assert [P.relation(a, b) for a, b in (("8", "13"), ("13", "8"), ("5.0", "5"), ("Paris", " paris"), ("x", "y"))] == \
+        ["<", ">", "=", "=", "vs"]
+    for line in ("Route 2 : 8 < 13 -> wrong at step 3", "Route 2 : Paris vs Rome -> wrong", "Route 2 : wrong at step 3"):
+        assert P.parse(line).verdicts == {2: 3 if "step" in line else 0}
+    assert P.parse("Route 2 : 8 13 -> sound").verdicts == {}  # no relation: not a verdict line
