@@ -24,8 +24,8 @@ Choices that are ours:
    restated verdict lines alone (mrpv.py choice 8), route headers and an own answer in the prompt, added
    to every SFT batch from the first step. They teach the comparison ("8 < 13 -> wrong") on examples
    that cost a tenth of an MRPV example; alone they did not teach verdicts in MRPV responses, beside
-   MRPV examples they made the lookup come within 600 steps (RESULTS.md, "Verdicts a small student
-   learns"). A drill names no step: the token after "wrong" carries no loss.
+   MRPV examples they made the lookup come within 600 steps (RESULTS.md, "Routes that carry a rule the
+   start lacks"). A drill names no step: the token after "wrong" carries no loss.
 5. Reading drills (reading_set; train.py --reading, a share of the MRPV examples): problems that deliver
    to the asked item, in worlds where a delivery adds 1 to 6 units (READING_AMOUNTS), drawn afresh per
    problem, and routes written in that world. Nothing but the routes says what a delivery adds there, so
@@ -161,7 +161,7 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
 def draw_batch(alone, routed, share, size, rng: random.Random):
     """An SFT batch: `size` examples drawn with replacement, each from `routed` (MRPV prompts) with
     probability `share`, else from `alone` (train.py's schedule: share 0 over the first steps). Item i of
-    both lists is the same problem's example, one way and the other."""
+    both lists is the same problem's example, one way and the other (or, in `routed`, a reading drill)."""
     assert len(routed) == len(alone), f"{len(routed)} MRPV examples for {len(alone)} examples alone"
     return [(routed if share and rng.random() < share else alone)[rng.randrange(len(alone))] for _ in range(size)]
 

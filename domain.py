@@ -31,7 +31,7 @@ Choices that are ours (the paper uses real vertical domains; this one stands in 
    numbers is what a tiny character-level model fails at, not the reasoning. A route's label
    ("Route 2 :", up to 9 routes; PHRASES) is one token too, so that a verdict finds the route it judges
    by one token's match (in a probe, labels that were distinct tokens made a tiny student learn that
-   lookup sooner: RESULTS.md, "Verdicts a small student learns").
+   lookup sooner: RESULTS.md, "Routes that carry a rule the start lacks").
 5. Route-only knowledge (ROUTE_RULES): the paper's routes come from a stronger teacher and hold what the
    small model does not know; here that is R5, a rule of a sixth event kind (deliver) that the
    distillation's problems never apply (deliveries to other items are in them, so the word is known and
@@ -81,7 +81,7 @@ ITEMS = "ABCD"
 MAX_ANSWER = 20  # answers are 0..20
 RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
          "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
-RULE_R5 = " R5 a delivery adds 3 units ."  # told to the teacher with route_rule "deliver" (choice 5)
+RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher with route_rule "deliver" (choice 5): Rules.deliver
 ROUTE_RULES = ("deliver", "none")  # the rule only routes carry: R5 on deliveries, or none (the four-rule domain)
 KINDS = {"none": ("sell", "sell", "restock", "return", "spoil"),  # event kinds, drawn uniformly from the tuple
          "deliver": ("sell", "sell", "restock", "return", "spoil", "deliver")}
@@ -196,11 +196,12 @@ def route_only(problem: Problem) -> bool | None:
 
 def problem_of(ledger, route_rule: str = "none", rules: Rules = EXPERT) -> Problem:
     """The question a ledger asks, its answer under `rules` (the expert ones but for reading drills,
-    distill.reading_set), and the rules told to the teacher."""
+    distill.reading_set), and the rules a teacher is told (R5 with the world's amount)."""
     stock, events, asked = ledger
     question = (f"Stock : {' , '.join(f'{x} = {n}' for x, n in stock.items())} . "
                 f"Events : {' ; '.join(event_text(e) for e in events)} . How many {asked} ?")
-    return Problem(question, str(write_route(ledger, rules)[1]), RULES + (RULE_R5 if route_rule == "deliver" else ""), [], ledger)
+    told = RULES + (RULE_R5.format(rules.deliver) if route_rule == "deliver" else "")
+    return Problem(question, str(write_route(ledger, rules)[1]), told, [], ledger)
 
 
 def make_problem(rng: random.Random, d: Difficulty = Difficulty(), target: int | None = None) -> Problem:
@@ -278,7 +279,7 @@ def mistake(event, v, rng: random.Random, rules: Rules = EXPERT):
         wrong_rules.append(Rules(deliver=rng.choice([x for x in (1, 2, 4, 5) if x != rules.deliver])))  # R5 misapplied
     added = {"restock": EXPERT.restock, "deliver": rules.deliver, "return": n}.get(kind)
     if added is not None and v + added > EXPERT.cap:
-        wrong_rules.append(Rules(cap=None))  # R4 forgotten
+        wrong_rules.append(Rules(cap=None, deliver=rules.deliver))  # R4 forgotten
     if wrong_rules and rng.random() < 0.75:
         return apply(rng.choice(wrong_rules), event, v)
     work, right = apply(rules, event, v)

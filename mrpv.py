@@ -68,7 +68,7 @@ Choices that are ours (the paper does not fix them):
    route is shown whole, else its count after as many lines as the route shows; "vs" between texts that
    are not numbers). A tiny student never learned bare verdicts (at chance after 300 steps on MRPV
    examples alone); with the restatement a verdict is two local steps, find the route's result by its
-   label and compare it with the answer just written (RESULTS.md, "Verdicts a small student learns").
+   label and compare it with the answer just written (RESULTS.md, "Routes that carry a rule the start lacks").
    The verdict reward reads only the verdict, so a wrong restatement costs nothing by itself.
 """
 
@@ -150,8 +150,9 @@ def build_prompt(problem: Problem, routes: list[Route], layout: Layout = Layout(
 
 
 def result(text: str) -> str:
-    """Where a text ends up: its answer line's answer, else its last number (domain.extract_answer); "-" if none."""
-    return extract_answer(text) or "-"
+    """Where a text ends up: its answer line's answer, else its last number (domain.extract_answer); "-" if none.
+    One word: spaces inside an answer become "_", so that a verdict line parses whatever the answer."""
+    return "_".join((extract_answer(text) or "-").split())
 
 
 def relation(theirs: str, mine: str) -> str:
@@ -164,26 +165,27 @@ def relation(theirs: str, mine: str) -> str:
         return "vs"
 
 
-def restated(route: Route, solution: str) -> str:
-    """What a verdict compares (choice 8): the route's result against the solution's at the same depth, its
-    answer when the route is shown whole, else the count after as many step lines as the route shows."""
-    theirs = result(route.text)
-    depth = None if parse(route.text).answer is not None else len(step_lines(route.text))
+def restated(route: Route, solution: str, layout: Layout = Layout()) -> str:
+    """What a verdict compares (choice 8): the route's result as its header shows it against the solution's at
+    the same depth: the answer when the route's answer line is shown, else the count after as many step lines."""
+    text = route_text(route, layout)
+    theirs = result(text)
+    depth = None if parse(text).answer is not None else len(step_lines(text))
     mine = result(solution if depth is None else "\n".join(step_lines(solution)[:depth]))
     return f"{theirs} {relation(theirs, mine)} {mine}"
 
 
-def verdict_line(k: int, route: Route, solution: str | None = None) -> str:
+def verdict_line(k: int, route: Route, solution: str | None = None, layout: Layout = Layout()) -> str:
     """Route k's verdict; given the solution, it first restates what it compares (Layout.restate)."""
     said = "sound" if route.correct else f"wrong at step {route.first_wrong}" if route.first_wrong else "wrong"
-    return f"Route {k} : {'' if solution is None else restated(route, solution) + ' -> '}{said}"
+    return f"Route {k} : {'' if solution is None else restated(route, solution, layout) + ' -> '}{said}"
 
 
 def teacher_response(routes: list[Route], solution: str, layout: Layout = Layout()) -> str:
     """The response a teacher that knows each route's label writes: its own solution (step lines and the
     answer line), then the verdicts (solve-verify, the default); verify-solve: the verdicts first."""
     own = solution if layout.restate else None
-    verdicts = "".join(verdict_line(k, r, own) + "\n" for k, r in enumerate(routes, 1))
+    verdicts = "".join(verdict_line(k, r, own, layout) + "\n" for k, r in enumerate(routes, 1))
     return solution + "\n" + verdicts.rstrip("\n") if layout.order == "solve-verify" and routes else verdicts + solution
 
 

@@ -115,19 +115,19 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--scratch-shape", default="tiny", choices=SCRATCH_SHAPES, help="the shape of --init scratch")
     g.add_argument("--data", help="JSONL problems with teacher routes (default: the embedded domain)")
     g.add_argument("--route-rule", default="deliver", choices=D.ROUTE_RULES, help="embedded domain: the rule only routes carry "
-                   "(deliver: R5, never in the distillation, in half of the RL, dev, test and hard problems; none: four rules, all taught)")
+                   "(deliver: R5, never in the distillation's problems, in half of the RL, dev, test and hard problems; none: four rules, all taught)")
     g.add_argument("--eval-data", help="JSONL problems to evaluate on, with --data (default: none)")
     g = ap.add_argument_group("distillation and routes")
     g.add_argument("--budget", type=ranged(int, 0), default=3000, help="teacher-written problems for SFT (embedded domain)")
     g.add_argument("--unguided", action="store_true", help="distil from the teacher WITHOUT the rules (the baseline)")
-    g.add_argument("--batch-size", type=count, default=32, help="SFT sequences per optimizer step")
+    g.add_argument("--batch-size", type=count, default=32, help="SFT problem examples per optimizer step (+ --drills verdict drills)")
     g.add_argument("--R", type=count, default=3, help="positive and negative routes per problem in the route bank, each")
     g.add_argument("--diverse-routes", action=argparse.BooleanOptionalAction, default=False, help="embedded teacher: right routes write sums in either order")
     g.add_argument("--mrpv-share", type=share, default=0.3, help="share of SFT examples in the MRPV format, from --mrpv-from on")
     g.add_argument("--mrpv-from", type=share, default=0.4, help="share of SFT steps before MRPV examples join (alone until then)")
-    g.add_argument("--reading", type=share, default=0.5, help="embedded domain: share of MRPV examples that are reading drills "
-                   "(distill.reading_set: deliveries in worlds where they add 1, 2, 4, 5 or 6; 0: none)")
-    g.add_argument("--drills", type=ranged(int, 0), default=32, help="verdict drills added to each SFT batch (distill.verdict_drills; 0: none)")
+    g.add_argument("--reading", type=share, default=0.5, help="embedded domain, --route-rule deliver, guided: share of MRPV examples that are reading drills "
+                   "(distill.reading_set: deliveries in worlds where they add 1 to 6, R5's 3 among them; 0: none)")
+    g.add_argument("--drills", type=ranged(int, 0), default=32, help="embedded domain, --restate: verdict drills added to each SFT batch (distill.verdict_drills; 0: none)")
     g.add_argument("--sft-eaai", action=argparse.BooleanOptionalAction, default=False, help="MRPV SFT examples show 1..K routes, partly")
     g.add_argument("--K", type=count, default=3, help="routes shown in an MRPV prompt")
     g.add_argument("--neg-share", type=share, default=0.5, help="expected share of wrong routes among those shown")
@@ -352,6 +352,14 @@ def make_optimizer(model, args):
 
 # ---- the distill stage ----
 
+def reads(args):  # whether the distillation adds reading drills: the embedded domain's route-only rule, guided
+    return bool(args.reading) and not args.data and args.route_rule == "deliver" and not args.unguided
+
+
+def drills(args):  # verdict drills a batch: on the embedded domain, in the restated layout (distill.py choice 4)
+    return args.drills if args.restate and not args.data else 0
+
+
 def run_distill(args):
     device = pick_device(args.device)
     out = Path(args.out or "out/distill")
@@ -363,7 +371,7 @@ def run_distill(args):
                                           rng, args.sft_eaai, layout_of(args), args.keep_errors) for s in (0.0, 1.0))  # both ways
     if not alone:
         raise D.DataError("no SFT example: no problem has a positive (correct) route")
-    if args.reading and not args.data:  # reading drills in place of a share of the MRPV examples (distill.py choice 5)
+    if reads(args):  # reading drills in place of a share of the MRPV examples (distill.py choice 5)
         reading = distill.sft_examples(*distill.reading_set(len(routed), args.R, args.seed), tok, 1.0, args.K, args.neg_share, rng,
                                        args.sft_eaai, layout_of(args), args.keep_errors)
         routed = [reading[i % len(reading)] if rng.random() < args.reading else r for i, r in enumerate(routed)]
@@ -372,7 +380,7 @@ def run_distill(args):
     evals = eval_sets(args, ["dev"])  # settings are chosen on dev; the eval stage gives test and hard
     print(f"distill: {'UNGUIDED' if args.unguided else 'guided'} teacher right on {distill.teacher_accuracy(banks):.1%} of "
           f"{len(problems)} problems; SFT on the {len(taught)} taught -> SFT examples ({args.mrpv_share:.0%} MRPV from step {round(args.mrpv_from * args.steps)}"
-          f"{f', {args.reading:.0%} of them reading drills' if args.reading and not args.data else ''}, + {args.drills} verdict drills a batch); "
+          f"{f', {args.reading:.0%} of them reading drills' if reads(args) else ''}, + {drills(args)} verdict drills a batch); "
           f"student {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {device}; writing {out}/", flush=True)
     fresh_run_folder(out)
     metrics = out / "metrics.jsonl"
@@ -385,7 +393,7 @@ def run_distill(args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         mix = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0  # MRPV examples join late (choice 2)
-        batch = distill.draw_batch(alone, routed, mix, args.batch_size, rng) + distill.verdict_drills(args.drills, args.K, rng, tok)
+        batch = distill.draw_batch(alone, routed, mix, args.batch_size, rng) + distill.verdict_drills(drills(args), args.K, rng, tok)
         loss_sum = distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -426,10 +434,11 @@ class RLRun:
 
 def rl_start(args, device):
     """The policy and its problems with route banks. On the embedded default the start is out/distill,
-    made first when missing; the bank is the distill run's routes.jsonl (the teacher's budget)."""
+    made first when missing; the bank is the distill run's routes.jsonl (twice the teacher's budget with
+    --route-rule deliver: the taught problems the distillation saw and as many route-only ones)."""
     if args.init == "out/distill" and not args.data and not Path("out/distill/config.json").is_file():
         print("rl: no out/distill/ yet: running the distill stage first (python train.py --stage distill)", flush=True)
-        run_distill(get_args(["--stage", "distill", "--device", args.device, "--seed", str(args.seed)]))
+        run_distill(get_args(["--stage", "distill", "--device", args.device, "--seed", str(args.seed), "--route-rule", args.route_rule]))
     model, tok = load_student(args, device)
     if args.fresh_problems:  # problems the distillation never saw, routes from the same teacher (a larger budget)
         return model, tok, *distill.embedded_set("fresh", args.budget, args.R, args.seed, args.seed, not args.unguided,

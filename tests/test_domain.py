@@ -28,7 +28,7 @@ def test_problem_shape_difficulty_and_guessing():
         counts[p.answer] = counts.get(p.answer, 0) + 1
     assert set(counts) == {str(i) for i in range(21)}
     assert max(counts.values()) / len(train) <= 0.05  # no constant guess scores above 5 %
-    assert all(p.rules == D.RULES + D.RULE_R5 and p.rules not in p.question for p in train[:10])
+    assert all(p.rules == D.RULES + D.RULE_R5.format(3) and p.rules not in p.question for p in train[:10])
     assert all(p.rules == D.RULES for p in D.split("train", 10, route_rule="none"))  # the four-rule domain: R5 untold
 
 

@@ -92,3 +92,13 @@ def test_each_stage_has_its_own_defaults():
     assert train.get_args(["--stage", "rl", "--lr-schedule", "cosine"]).lr_schedule == "cosine"
     lrs = [train.lr_at(s, rl) for s in range(rl.steps)]
     assert lrs[rl.warmup:] == [rl.lr] * (rl.steps - rl.warmup) and lrs[0] < rl.lr
+
+
+def test_drills_only_where_they_fit():
+    """Reading drills need the embedded domain's route-only rule and the guided teacher; verdict drills the
+    restated layout (train.reads, train.drills)."""
+    args = lambda *a: train.get_args(["--stage", "distill", *a])
+    assert train.reads(args()) and train.drills(args()) == 32
+    assert not train.reads(args("--unguided")) and not train.reads(args("--route-rule", "none")) and not train.reads(args("--reading", "0"))
+    assert train.drills(args("--no-restate")) == 0 and train.drills(args("--drills", "5")) == 5
+    assert not train.reads(args("--data", "x.jsonl")) and train.drills(args("--data", "x.jsonl")) == 0

@@ -266,3 +266,20 @@ def test_restated_verdicts_compare_at_the_shown_depth(case):
     for line in ("Route 2 : 8 < 13 -> wrong at step 3", "Route 2 : Paris vs Rome -> wrong", "Route 2 : wrong at step 3"):
         assert P.parse(line).verdicts == {2: 3 if "step" in line else 0}
     assert P.parse("Route 2 : 8 13 -> sound").verdicts == {}  # no relation: not a verdict line
+
+
+def test_restated_verdicts_of_free_form_answers_and_of_routes_without_answer_lines(case):
+    """An answer with spaces restates as one word, so the teacher's own response scores in full; with the routes'
+    answer lines hidden the header and the verdict line both restate the last shown count."""
+    p = D.Problem("Which city ?", "New York")
+    right, wrong = D.Route("look it up\nAnswer : New York", True), D.Route("guess\nAnswer : Boston", False, 1)
+    response = P.teacher_response([wrong, right], "look it up\nAnswer : New York")
+    assert response.endswith("Route 1 : Boston vs New_York -> wrong at step 1\nRoute 2 : New_York = New_York -> sound")
+    r = P.reward(response, p, [wrong, right])
+    assert (r.answer, r.verdict, r.step, r.format) == (1.0, 1.0, 1.0, 1.0)
+    q, pos, neg = case
+    hidden = P.Layout(route_answers=False)
+    k = len(P.step_lines(neg.text))
+    theirs, mine = P.result(P.route_text(neg, hidden)), P.step_lines(pos.text)[k - 1].rsplit(" ", 1)[1]
+    assert P.build_prompt(q, [neg], hidden).startswith(f"Route 1 : {theirs}\n")
+    assert P.verdict_line(1, neg, pos.text, hidden).startswith(f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong")
