@@ -61,6 +61,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
 RL_STEPS = 60  # choice 1
 SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
+VERSION = 2  # of ablate.json: 2 since the route-only rule changed the defaults of the data and the format
 PARTS = ("_taught", "_route_only")  # the embedded domain's parts of a split (domain.py choice 5), in results.jsonl
 
 
@@ -186,13 +187,15 @@ def start(argv):
         if not saved.is_file():
             raise D.DataError(f"--resume: {saved} not found")
         run = json.loads(saved.read_text())
+        if run.get("version", 1) < VERSION:  # its starts were distilled with other defaults: data, format, tokenizer
+            raise D.DataError(f"--resume: {saved} was made by an earlier version (before the route-only rule); start a new ablation")
         jobs = args.jobs
         args, rest, rl = get_args(run["argv"])
         args.jobs, args.resume, args.out = jobs, True, str(out)
         return args, rest, rl, out, run["command"]
     command = " ".join(["python train.py" if args.stage else "python ablate.py", *map(shlex.quote, argv)])
     train.fresh_run_folder(out)
-    saved.write_text(json.dumps({"command": command, "argv": argv}, indent=1) + "\n")
+    saved.write_text(json.dumps({"command": command, "argv": argv, "version": VERSION}, indent=1) + "\n")
     return args, rest, rl, out, command
 
 

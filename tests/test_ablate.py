@@ -113,6 +113,10 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
     assert fails("--no-such-flag") == "error: unrecognized arguments: --no-such-flag"
     assert fails("--init", "x") == "error: --init: the ablation sets it for each run (it runs on the embedded domain)"
     assert fails("--out", str(tmp_path / "b"), "--resume") == f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
+    (tmp_path / "old").mkdir()  # a folder of an earlier version: its starts have another domain and format
+    (tmp_path / "old" / "ablate.json").write_text(json.dumps({"command": "python ablate.py --quick", "argv": ["--quick"]}))
+    assert fails("--out", str(tmp_path / "old"), "--resume") == \
+        f"error: --resume: {tmp_path / 'old' / 'ablate.json'} was made by an earlier version (before the route-only rule); start a new ablation"
     # a distillation that fails (a budget of 0 problems): its arms never start, the error names its log
     msg = fails("--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
     assert msg.startswith("error: 1 run(s) failed and 1 did not start; first: ") and "no SFT example" in msg
