@@ -177,10 +177,10 @@ def verdict_drills(n: int, K: int, rng: random.Random, tok, top: int = D.MAX_ANS
         results = [own if rng.random() < 0.5 else rng.choice([x for x in range(top + 1) if x != own]) for _ in range(k)]
         prompt = "".join(f"Route {j} : {x}\n" for j, x in enumerate(results, 1)) + f"Answer : {own}\n"
         response, skip = [], set()
-        for j, x in enumerate(results, 1):
-            said = "sound" if x == own else "wrong"
-            response += tok.encode(("\n" if j > 1 else "") + f"Route {j} : {x} {mrpv.relation(str(x), str(own))} {own} -> {said}")
-            if said == "wrong":
+        for j, x in enumerate(results, 1):  # a route that is only its answer line, judged as MRPV responses judge
+            route = D.Route(f"Answer : {x}", x == own)
+            response += tok.encode(("\n" if j > 1 else "") + mrpv.verdict_line(j, route, f"Answer : {own}"))
+            if not route.correct:
                 skip.add(len(response))  # the next token ("\n" or the end): an MRPV response goes on "at step s"
         out.append((encode_prompt(tok, prompt), response + tok.eos_ids[:1], skip))
     return out

@@ -288,12 +288,13 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
     verdict = step = None
     if K:
         said = [p.verdicts.get(k, "missing") for k in range(1, K + 1)]
-        ok = [right for right, _ in judged(p, routes)]
+        marks = judged(p, routes)
+        ok = [right for right, _ in marks]
         if w.consistent:  # choice 6: "sound" only for a route reaching the model's own answer, "wrong" otherwise
             theirs = [parse(route_text(r, layout)).answer for r in routes]
             ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine))) for o, s, a in zip(ok, said, theirs)]
         verdict = sum(ok) / K
-        located = [(s == r.first_wrong and o) for s, r, o in zip(said, routes, ok) if not r.correct and r.first_wrong]
+        located = [named and o for (_, named), o in zip(marks, ok) if named is not None]
         if located and w.step > 0:
             step = sum(located) / len(located)
     one_each = p.verdict_order == list(range(1, K + 1))
