@@ -218,10 +218,10 @@ def sft_step(model, batch, pad_id, micro_tokens, autocast):
 def sft_loss(model, x, y, n_tokens=None):
     """Cross-entropy summed over response tokens, divided by n_tokens: the response tokens of the
     whole batch when it is split into micro-batches (default: those of this one)."""
-    logits = model(x)  # (B, T, V); right padding needs no mask: causal attention never looks ahead
-    # -100 marks prompt and padding positions: they add nothing (choice 3)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-    return loss / (n_tokens or int((y != -100).sum()))
+    keep = y != -100  # response positions; -100 marks prompt and padding positions: they add nothing (choice 3)
+    logits = model(x, keep=keep)  # (K, V); right padding needs no mask: causal attention never looks ahead
+    loss = F.cross_entropy(logits.float(), y[keep], reduction="sum")
+    return loss / (n_tokens or int(keep.sum()))
 
 
 # ---- python distill.py --teacher DIR --data FILE --out FILE ----

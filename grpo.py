@@ -92,20 +92,24 @@ def token_advantages(adv, weights, i, on_verdict):
 
 def sequence_logprobs(model, prompts, completions, pad_id, temperature=1.0):
     """Log-probs of each completion token under log_softmax(logits / T), from one forward over
-    prompt + completion: prompts left-padded as in rollout.generate, completions right-padded.
-    Returns logp (N, L) and mask (N, L) (1.0 on real completion tokens)."""
+    prompt + completion: each row the prompt and its completion back to back from position 0 (the
+    positions rollout.generate gave them), right-padded, so plain causal attention needs no mask, and
+    logits computed at the completion tokens only. Returns logp (N, L) and mask (N, L) (1.0 on real
+    completion tokens), both right-padded to L, the longest completion."""
     device = model.lm_head.weight.device
-    N, P, L = len(prompts), max(map(len, prompts)), max(1, max(map(len, completions)))
-    tokens = torch.full((N, P + L), pad_id, dtype=torch.long)  # (N, P + L)
-    valid = torch.zeros(N, P + L, dtype=torch.bool)  # (N, P + L)
+    N, W, L = len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions)), max(1, max(map(len, completions)))
+    tokens = torch.full((N, W), pad_id, dtype=torch.long)  # (N, W)
+    keep = torch.zeros(N, W, dtype=torch.bool)  # (N, W): the positions that predict a completion token
+    mask = torch.zeros(N, L, dtype=torch.bool)  # (N, L)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        valid[i, P - len(p):P + len(c)] = True
-    tokens, valid = tokens.to(device), valid.to(device)
-    pos = (valid.cumsum(1) - 1).clamp(min=0)  # (N, P + L): the positions rollout.generate gave these tokens
-    logits = model(tokens, pos=pos, valid=valid)[:, P - 1:P + L - 1]  # (N, L, V): position t predicts t + 1
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[:, P:, None])[..., 0]  # (N, L)
-    return logp, valid[:, P:].float()
+        tokens[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        keep[i, len(p) - 1:len(p) + len(c) - 1] = True  # position t predicts token t + 1
+        mask[i, :len(c)] = True
+    tokens, keep, mask = tokens.to(device), keep.to(device), mask.to(device)
+    targets = tokens[:, 1:][keep[:, :-1]]  # (K,): the completion tokens, row by row
+    logits = model(tokens, keep=keep)  # (K, V), K = all completion tokens, in the same order
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None])[:, 0]  # (K,)
+    return torch.zeros(N, L, device=device, dtype=logp.dtype).masked_scatter(mask, logp), mask.float()
 
 
 # ---- 5-6. the loss ----
@@ -135,17 +139,27 @@ def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, re
 
 # ---- 7. the policy update (and torchrun: one process per device, whole groups each) ----
 
-def micro_batches(batch, max_tokens):
+def micro_batches(batch, max_tokens, overhead=64):
     """Sort examples (prompt, completion, ...) by length and cut them into micro-batches of at most
-    max_tokens padded tokens (at least one example each): short examples are not padded to long ones."""
+    max_tokens padded tokens (at least one example each), where the padded tokens plus `overhead` per
+    micro-batch (its fixed cost, in tokens) are fewest: a dynamic programme over the cut points of the
+    sorted list. Cutting only where the next example would not fit padded short examples to long ones."""
     batch = sorted(batch, key=lambda e: len(e[0]) + len(e[1]))
-    micro = []
-    for e in batch:
-        if micro and (len(micro) + 1) * (len(e[0]) + len(e[1])) > max_tokens:
-            yield micro
-            micro = []
-        micro.append(e)
-    yield micro
+    lengths = [len(e[0]) + len(e[1]) for e in batch]
+    best, cut = [0] + [math.inf] * len(batch), [0] * (len(batch) + 1)  # best[j]: cost of the first j examples
+    for j in range(1, len(batch) + 1):  # the last micro-batch is batch[i:j]; it pads to lengths[j - 1]
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and (j - i) * lengths[j - 1] > max_tokens:
+                break
+            cost = best[i] + (j - i) * lengths[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends = [len(batch)]
+    while ends[-1]:
+        ends.append(cut[ends[-1]])
+    ends.reverse()
+    for i, j in zip(ends, ends[1:]):
+        yield batch[i:j]
 
 
 def autocast_for(device):

@@ -17,6 +17,11 @@ Choices that are ours (the paper says nothing about the network itself):
 4. The tiny default model (a few million parameters) and a word-level tokenizer built with the
    `tokenizers` library serve the embedded domain; they go through the same save / load path as a
    real checkpoint.
+5. Projections that read the same input are stacked into one matrix: q, k and v (`qkv_proj`), gate and
+   up (`gate_up_proj`): one matrix product instead of three and two, which on a CPU is most of what a
+   small model's step costs (RESULTS.md, "The CPU step, profiled"). state_dict() and load_state_dict()
+   still speak Hugging Face's separate names (stack_state / split_state), so checkpoints and saved
+   folders are unchanged; each part is initialised as the separate matrix was.
 """
 
 import argparse
@@ -157,10 +162,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
+def rope_tables(pos, inv_freq, dtype):
+    """cos and sin of RoPE's angles at positions pos (B, T): cos (B, 1, T, D) and the sin that apply_rope
+    takes, its first half negated (B, 1, T, D). Angles are computed in fp32."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, D/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
+
+
 def apply_rope(x, cos, sin):
-    """x (B, H, T, D); cos, sin (B, 1, T, D). Rotates the two halves of D (Hugging Face layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, H, T, D) rotated by RoPE in Hugging Face's layout: x * cos + (-x2, x1) * sin, x1 and x2 the two
+    halves of D. Written as x * cos + (x2, x1) * (-sin, sin): the halves swapped by a flip, the sign kept in
+    the table (rope_tables), one operation fewer; the same numbers."""
+    return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * sin
 
 
 class RMSNorm(nn.Module):
@@ -169,11 +183,46 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # normalise in fp32
-        return self.weight * x.to(dtype)
+    def forward(self, x):  # x * rsqrt(mean(x^2) + eps) in fp32, then cast back and scaled, as transformers does
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+class Stacked(nn.Linear):
+    """One nn.Linear whose output rows stack several Hugging Face projections of the same input (choice 5):
+    `parts` maps each part's name to its number of rows, in order."""
+
+    def __init__(self, in_features, parts: dict, bias):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+
+def stack_hooks(module: nn.Module, name: str):
+    """Make module.state_dict() write the Stacked child `name` as its parts and load_state_dict() read the
+    parts back into it: the Hugging Face names outside, one matrix inside (choice 5)."""
+    def split(mod, state, prefix, _meta):
+        split_state(state, prefix, name, getattr(mod, name).parts)
+
+    def stack(state, prefix, *_):
+        stack_state(state, prefix, name, getattr(module, name).parts)
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(lambda mod, state, prefix, *rest: stack(state, prefix))
+
+
+def split_state(state: dict, prefix: str, name: str, parts: dict):
+    """state[prefix + name + '.weight'] (and '.bias') -> one tensor per part, under prefix + part + '.weight'."""
+    for kind in ("weight", "bias"):
+        if prefix + f"{name}.{kind}" in state:
+            pieces = state.pop(prefix + f"{name}.{kind}").split(list(parts.values()))
+            state.update({prefix + f"{part}.{kind}": p.clone() for part, p in zip(parts, pieces)})  # clone: safetensors refuses shared memory
+
+
+def stack_state(state: dict, prefix: str, name: str, parts: dict):
+    """The reverse of split_state, in place: the parts are dropped as soon as they are stacked. A state that
+    lacks a part is left as it is (load_state_dict then names the missing key)."""
+    for kind in ("weight", "bias"):
+        keys = [prefix + f"{part}.{kind}" for part in parts]
+        if all(k in state for k in keys):
+            state[prefix + f"{name}.{kind}"] = torch.cat([state.pop(k) for k in keys])
 
 
 class Attention(nn.Module):
@@ -181,41 +230,45 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(C, self.n_head * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, self.n_kv * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, self.n_kv * D, bias=cfg.qkv_bias)
+        self.qkv_proj = Stacked(C, {"q_proj": self.n_head * D, "k_proj": self.n_kv * D, "v_proj": self.n_kv * D},
+                                bias=cfg.qkv_bias)  # choice 5
         self.o_proj = nn.Linear(self.n_head * D, C, bias=cfg.o_bias)
+        stack_hooks(self, "qkv_proj")
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, H_kv = self.n_head, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, T, D)
+        qk = apply_rope(qkv[:, :H + H_kv], cos, sin)  # (B, H + H_kv, T, D): q and k rotated together
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]  # (B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = slots used so far
         # grouped-query attention: each kv head serves n_head / n_kv query heads. Decoding one token
         # lets SDPA share the heads (enable_gqa); copying the whole cache per step would cost more than
-        # the attention itself. Elsewhere the heads are repeated, which every SDPA kernel accepts.
-        gqa = self.n_kv != self.n_head
-        if gqa and (T > 1 or not SDPA_GQA):
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
+        # the attention itself. So does plain causal attention on a CPU (training: 10-25 % less time
+        # than repeated heads, forward and backward). Elsewhere the heads are repeated, which every
+        # SDPA kernel accepts (CUDA's kernels for an explicit mask do not share heads).
+        gqa = H_kv != H
+        if gqa and not (SDPA_GQA and (T == 1 or (mask is None and x.device.type == "cpu"))):
+            k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // H_kv, dim=1)  # (B, H, S, D)
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            **({"enable_gqa": True} if gqa else {}))  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        I = cfg.intermediate_size
+        self.gate_up_proj = Stacked(cfg.hidden_size, {"gate_proj": I, "up_proj": I}, bias=cfg.mlp_bias)  # choice 5
+        self.down_proj = nn.Linear(I, cfg.hidden_size, bias=cfg.mlp_bias)
+        stack_hooks(self, "gate_up_proj")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -252,16 +305,19 @@ class Transformer(nn.Module):
     @staticmethod
     def _init_weights(m):  # Hugging Face's initializer_range 0.02; only matters when training from scratch
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+            for w in m.weight.split(list(m.parts.values())) if isinstance(m, Stacked) else [m.weight]:
+                nn.init.normal_(w, std=0.02)  # a stacked matrix part by part, in order: the draws of separate ones
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, tokens, pos=None, valid=None, cache=None, last_only=False):
-        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+    def forward(self, tokens, pos=None, valid=None, cache=None, last_only=False, keep=None):
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only, or (K, vocab) with keep.
 
         pos (B, T): RoPE positions; default 0..T-1, continuing from the cache when there is one.
         valid (B, T) bool: False on padding tokens, which no other token attends to; default all True.
         cache: a KVCache; the T tokens fill its next T slots. Without cache and valid, plain causal.
+        keep (B, T) bool: return the logits of these K positions only, in row-major order (training needs
+        those of the response tokens; the rest would be computed for nothing).
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -269,10 +325,8 @@ class Transformer(nn.Module):
             assert cache is None or cache.slot is None, "a static cache needs explicit positions"
             pos = torch.arange(start, start + T, device=tokens.device).expand(B, T)
             assert start + T <= self.config.max_seq_len, f"{start} + {T} tokens > context {self.config.max_seq_len}"
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2), fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.model.embed_tokens(tokens)  # (B, T, C)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_tables(pos, self.inv_freq, x.dtype)  # (B, 1, T, D) each
 
         mask = None  # None: plain causal (is_causal=True), only when queries and keys are the same T tokens
         if cache is not None or valid is not None:
@@ -297,6 +351,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        if keep is not None:
+            x = x[keep]  # (K, C)
         return self.lm_head(self.model.norm(x))
 
     def new_cache(self, batch_size, max_len):
@@ -368,6 +424,10 @@ class KVCache:
             self.v[:, r:r + rows, :, :S] = prefix.v[:, :, :, :S]
             self.valid[r:r + rows, :S] = prefix.valid[:, :S]
         self.length = S
+
+    def keep_rows(self, rows):
+        """Keep only these rows (R,) of the batch, in this order (the sampler drops finished rows)."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
 
     def update(self, layer, k, v):
         """Write k, v (B, H_kv, T, D) at the next T slots; return all filled slots (B, H_kv, S, D)
@@ -458,6 +518,10 @@ def load_model(path, device=None, dtype=None) -> Transformer:
             for name in f.keys():
                 if where.get(name) == file:
                     state[name] = f.get_tensor(name).to(dtype)
+    for name, module in model.named_modules():  # stacked here, so that each part is freed once stacked (choice 5)
+        if isinstance(module, Stacked):
+            parent, _, child = name.rpartition(".")
+            stack_state(state, parent + ".", child, module.parts)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

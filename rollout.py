@@ -16,7 +16,10 @@ Choices that are ours:
    seed may also be a list, one seed per prompt: each prompt's random draws then come from its own
    generator, so its samples do not depend on which other prompts share the batch (what lets a
    torchrun rank sample its share of a step's prompts exactly as one process samples them all).
-3. Finished rows stay in the batch (fed padding, their outputs ignored) rather than being compacted.
+3. A finished row stays in the batch (fed padding, its outputs ignored) until a quarter of the batch has
+   finished; then the finished rows leave it (their cache rows dropped, KVCache.keep_rows), so a batch
+   whose answers end early stops paying for them. The random draws are made for all rows as before, so a
+   row's tokens do not depend on when others leave. Not with compile=True (its shapes are fixed).
 4. Eager decoding on CUDA keeps SDPA off its cuDNN kernel: a profile on an H200 (torch 2.11) showed
    cuDNN building a new plan whenever the cache length changes, 1.6 ms of CPU per layer per step
    (~40 ms a step for a 24-layer model, the GPU idle). Flash / memory-efficient / math kernels have
@@ -74,8 +77,10 @@ def race_noise(shape, generators, device):
     return q.view(shape)
 
 
-def sample(logits, temperature, top_k, top_p, generators):
-    """logits (N, V) float32 -> tokens (N,), their log-probs (N,) under softmax(logits / T) (T = 1 if greedy)."""
+def sample(logits, temperature, top_k, top_p, generators, rows=None, n_rows=None):
+    """logits (N, V) float32 -> tokens (N,), their log-probs (N,) under softmax(logits / T) (T = 1 if greedy).
+    rows (N,): which of the batch's n_rows rows these are, once finished rows have left it (choice 3): the
+    noise is drawn for all n_rows rows and these rows' taken."""
     logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (N, V)
     if temperature == 0:
         tokens = logp.argmax(-1)
@@ -90,7 +95,8 @@ def sample(logits, temperature, top_k, top_p, generators):
             drop = p.cumsum(-1) - p > top_p  # tokens after the smallest prefix holding top_p of the mass
             masked = masked.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
         probs = masked.softmax(-1)  # (N, V), renormalised after truncation
-        q = race_noise(probs.shape, generators, probs.device)
+        q = race_noise(probs.shape, generators, probs.device) if rows is None else \
+            race_noise((n_rows, probs.shape[1]), generators, probs.device)[rows]
         tokens = (probs / q).argmax(-1)  # a draw from probs (choice 1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
@@ -187,15 +193,22 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     logprobs = torch.zeros(N, max_new_tokens, device=device)
     length = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)  # stopped on an end token
+    live = slice(None)  # the rows still in the batch: all of them, then a (R,) index once finished rows left (choice 3)
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, generators)  # (N,), (N,)
-        out[:, t] = tok.masked_fill(done, pad_id)  # finished rows are not touched
-        logprobs[:, t] = lp.masked_fill(done, 0.0)
-        length += ~done
-        done |= torch.isin(tok, eos)
+        tok, lp = sample(logits, temperature, top_k, top_p, generators, *((live, N) if torch.is_tensor(live) else ()))  # (R,)
+        ended = done[live]  # (R,): rows that finished before this step are not touched
+        out[live, t] = tok.masked_fill(ended, pad_id)
+        logprobs[live, t] = lp.masked_fill(ended, 0.0)
+        length[live] += ~ended
+        done[live] = ended | torch.isin(tok, eos)
         if t + 1 == max_new_tokens or bool(done.all()):
             break
-        logits = step(out[:, t:t + 1], (next_pos + t)[:, None])
+        ended = done[live]
+        if not compile and int(ended.sum()) * 4 >= ended.numel():  # a quarter has finished: they leave (choice 3)
+            stay = (~ended).nonzero()[:, 0]  # (R',)
+            cache.keep_rows(stay)
+            live = stay if not torch.is_tensor(live) else live[stay]
+        logits = step(out[live, t:t + 1], (next_pos[live] + t)[:, None])
 
     out, logprobs, length, done = out.tolist(), logprobs.tolist(), length.tolist(), done.tolist()
     rows = [j * B + i for i in range(B) for j in range(n)]  # back to prompt-major

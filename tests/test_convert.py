@@ -112,8 +112,8 @@ def test_unpermute_inverts_llamacpp_and_interleaved_rope_agrees():
     q = (x @ stored.T).view(T, H, D // 2, 2)
     a, b = q[..., 0], q[..., 1]
     cpp = torch.stack((a * cos[:, None] - b * sin[:, None], a * sin[:, None] + b * cos[:, None]), -1).view(T, H, D)
-    emb = torch.cat((theta, theta), -1)[None, None]  # (1, 1, T, D)
-    hf = M.apply_rope((x @ w.T).view(1, T, H, D).transpose(1, 2), emb.cos(), emb.sin())[0].transpose(0, 1)
+    tables = M.rope_tables(torch.arange(T)[None], 10000.0 ** (-torch.arange(0, D, 2) / D), torch.float32)  # (1, 1, T, D) each
+    hf = M.apply_rope((x @ w.T).view(1, T, H, D).transpose(1, 2), *tables)[0].transpose(0, 1)
     # the same products summed in another order (pairs against halves): rounding scales with the terms
     # summed (scores up to ~200, float32 ulp 1.5e-5), not with the result: atol 1e-4 (~5e-7 of the
     # largest) and rtol 1.3e-6 leave 13x over the 7.6e-6 measured; a wrong pairing is off by O(1)

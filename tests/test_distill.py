@@ -24,8 +24,8 @@ def test_sft_targets_cover_the_response_only():
             super().__init__()
             self.logits = torch.nn.Parameter(torch.randn(2, 5, 10))
 
-        def forward(self, x):
-            return self.logits
+        def forward(self, x, keep=None):
+            return self.logits if keep is None else self.logits[keep]
 
     m = Logits()
     loss = distill.sft_loss(m, x, y)
@@ -75,6 +75,24 @@ def test_micro_batches_sort_and_respect_the_token_budget():
     micro = list(grpo.micro_batches(batch, 100))
     assert [[len(p) for p, _ in m] for m in micro] == [[1, 2, 7], [30], [50], [90]]
     assert sum(len(m) for m in micro) == len(batch)
+
+
+def test_micro_batches_pad_least_among_all_cuts():
+    """The dynamic programme against every way to cut the sorted examples into runs (2^(n-1) of them)."""
+    import itertools
+    rng = random.Random(0)
+    for _ in range(30):
+        batch = [([1] * rng.randint(1, 60), [2] * rng.randint(1, 20)) for _ in range(rng.randint(1, 9))]
+        budget, overhead = rng.choice([40, 100, 300]), rng.choice([0, 16, 64])
+        n = sorted(len(p) + len(c) for p, c in batch)
+        cost = lambda runs: sum(len(r) * r[-1] + overhead for r in runs)
+        fits = lambda runs: all(len(r) == 1 or len(r) * r[-1] <= budget for r in runs)
+        every = [[n[i:j] for i, j in zip((0, *cuts), (*cuts, len(n)))] for k in range(len(n))
+                 for cuts in itertools.combinations(range(1, len(n)), k)]
+        micro = list(grpo.micro_batches(batch, budget, overhead))
+        runs = [[len(p) + len(c) for p, c in m] for m in micro]
+        assert sorted(x for r in runs for x in r) == n and [x for r in runs for x in r] == n  # all, in order
+        assert fits(runs) and cost(runs) == min(cost(r) for r in every if fits(r))
 
 
 def test_draw_batch_takes_mrpv_examples_at_their_share_only():

@@ -73,7 +73,19 @@ def test_torchrun_processes_must_divide_the_prompts(monkeypatch):
 def test_bench_refuses_an_unknown_shape():
     with pytest.raises(SystemExit) as e:
         bench.main(["huge"])
-    assert str(e.value.code) == "error: the first argument is the model's shape (tiny, qwen2.5-0.5b, qwen2.5-1.5b), then any train.py rl flags"
+    assert str(e.value.code) == ("error: the first argument is a benchmark: a model shape (tiny, qwen2.5-0.5b, qwen2.5-1.5b) "
+                                 "for RL steps, then any train.py rl flags; or one of sft, sampler, compare")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "no-such-commit", "--", "tiny"], "error: compare: 'no-such-commit' is not a commit of the repository at"),
+    (["compare", "HEAD"], "error: compare: name the benchmark after --, e.g. `python bench.py compare HEAD -- tiny`"),
+    (["sft", "--steps", "3"], "error: the sft benchmark sets --stage, --steps, --eval-n and --out itself"),
+])
+def test_bench_refuses_bad_comparisons_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code)
 
 
 def test_from_the_shell_one_line_on_stderr_and_exit_1(tmp_path):

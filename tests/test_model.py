@@ -34,7 +34,26 @@ def test_load_gives_finite_logits_and_the_file_weights(ckpt, kind):
 def test_qwen2_has_qkv_bias_and_no_o_bias(ckpt):
     m = M.load_model(ckpt("qwen2"), device="cpu")
     attn = m.model.layers[0].self_attn
-    assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.o_proj.bias is None
+    assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
+    state = m.state_dict()
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(state)
+    assert "model.layers.0.self_attn.o_proj.bias" not in state
+
+
+def test_stacked_projections_save_and_load_under_hugging_face_names(tmp_path):
+    """q, k, v and gate, up are one matrix each inside (model.py choice 5), separate tensors in a saved folder."""
+    torch.manual_seed(0)
+    m = M.Transformer(M.tiny_config(50, qkv_bias=True, architecture="Qwen2ForCausalLM"))
+    M.save_model(m, tmp_path / "m")
+    names = set(load_file(str(tmp_path / "m" / "model.safetensors")))
+    for part in ("self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        assert f"model.layers.3.{part}" in names
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
+    back = M.load_model(tmp_path / "m", device="cpu")
+    for (a, x), (b, y) in zip(m.named_parameters(), back.named_parameters()):
+        assert a == b and torch.equal(x, y), a
+    q = m.state_dict()["model.layers.0.self_attn.q_proj.weight"]  # rows 0..H*D-1 of the stacked matrix
+    assert torch.equal(q, m.model.layers[0].self_attn.qkv_proj.weight[:q.shape[0]])
 
 
 def test_sharded_and_v5_style_load_the_same_model(ckpt):
@@ -140,6 +159,8 @@ def test_last_only_and_cache_overflow(ckpt):
         # ~5e-7 apart on logits |x| < 2 (a few ulps); atol 1e-5 is 20x that and far below a logit gap
         # that matters, while the wrong position's logits differ by ~1
         torch.testing.assert_close(m(tok, last_only=True), m(tok)[:, -1:], atol=1e-5, rtol=0)
+        keep = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)  # the same, at chosen positions
+        torch.testing.assert_close(m(tok, keep=keep), m(tok)[keep], atol=1e-5, rtol=0)
         cache = m.new_cache(2, 6)
         m(tok, cache=cache)
         with pytest.raises(AssertionError, match="cache full"):
