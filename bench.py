@@ -5,6 +5,7 @@
     python bench.py sft                         # SFT steps of the default distillation (its late, MRPV-mixed batches)
     python bench.py sampler                     # rollout.generate against transformers' generate, same weights
     python bench.py compare HEAD~1 -- tiny      # one of the above on the working tree and on a commit, alternating
+    python bench.py sft --profile               # any of them, then where the time went (torch.profiler, by operator)
 
 Each benchmark leaves out its first step (a warm-up) and prints the mean (tiny, sft) or the median of its rounds
 (sampler). `compare` checks the commit out into a temporary git worktree, copies this file there, and runs
@@ -15,6 +16,8 @@ The decoder's own benchmark is `python model.py --bench`, the sampler's against 
 rollout.py --bench`. `sampler` needs transformers installed (pip install transformers); nothing else does.
 """
 
+import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -22,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 import domain as D
 import model as M
@@ -91,8 +96,6 @@ def bench_sampler(rest) -> dict:
     """rollout.generate against transformers' generate (greedy, float32, CPU) on the same random weights of
     the tiny default shape in the Qwen2 layout (q, k, v biases): 16 prompts of 32 tokens, 128 new tokens, no
     end token. Checks the tokens are equal, then times both by turns; prints the medians."""
-    import argparse
-    import torch
     import rollout
     p = argparse.ArgumentParser(prog="bench.py sampler")
     p.add_argument("--rounds", type=int, default=5, help="timed calls of each sampler, by turns")
@@ -143,7 +146,6 @@ def bench_sampler(rest) -> dict:
 
 def compare(rest):
     """`compare REV [--rounds N] -- BENCHMARK ARGS`: the benchmark on the working tree and on commit REV by turns."""
-    import argparse
     p = argparse.ArgumentParser(prog="bench.py compare")
     p.add_argument("rev", help="the commit to compare the working tree with (anything git accepts: HEAD, main~3, a hash)")
     p.add_argument("--rounds", type=int, default=3, help="runs of the benchmark on each side, by turns")
@@ -193,13 +195,17 @@ def main(argv=None):
     if not argv or argv[0] not in (*train.SCRATCH_SHAPES, *MODES):
         sys.exit(f"error: the first argument is a benchmark: a model shape ({', '.join(train.SCRATCH_SHAPES)}) for RL "
                  f"steps, then any train.py rl flags; or one of {', '.join(MODES)}")
-    mode, rest = argv[0], argv[1:]
+    mode, rest = argv[0], [a for a in argv[1:] if a != "--profile"]
+    profile = "--profile" in argv[1:] and mode != "compare"
     try:
         if mode == "compare":
-            return compare(rest)
-        figures = bench_sft(rest) if mode == "sft" else bench_sampler(rest) if mode == "sampler" else bench_rl(mode, rest)
+            return compare(argv[1:])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else contextlib.nullcontext() as prof:
+            figures = bench_sft(rest) if mode == "sft" else bench_sampler(rest) if mode == "sampler" else bench_rl(mode, rest)
     except (D.DataError, M.CheckpointError, train.TrainingError) as e:
         sys.exit(f"error: {e}")
+    if profile:  # the whole run, warm-up and set-up included; the profiler's own cost inflates the many small operators
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
     if record:
         Path(record).write_text(json.dumps(figures))
 

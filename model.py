@@ -439,9 +439,10 @@ class KVCache:
             self.v[layer].index_copy_(2, self.slots(T), v)
             return self.k[layer], self.v[layer]
         end = self.length + T
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]  # (B, H_kv, T_max, D) each
+        keys.narrow(2, self.length, T).copy_(k)
+        values.narrow(2, self.length, T).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 # ---- loading and saving ----
