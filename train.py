@@ -487,6 +487,9 @@ def rl_setup(args, out, state, rank, device) -> RLRun:
     run = RLRun(model, sampler, ref, tok, problems, banks, annealer, weights, make_optimizer(model, args),
                 random.Random(args.seed), evals)
     if state:
+        if [len(g["params"]) for g in state["optimizer"]["param_groups"]] != [len(g["params"]) for g in run.opt.param_groups]:
+            raise D.DataError(f"--resume: {out / 'trainer_state.pt'} holds the optimizer of an earlier version's model (q, k, v "
+                              "and gate, up as separate matrices, model.py choice 5): resume it with that version, or start again")
         run.opt.load_state_dict(state["optimizer"])
         annealer.load_state_dict(state["eaai"])
         run.rng.setstate(state["rng"]["python"])

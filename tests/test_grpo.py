@@ -211,6 +211,20 @@ def params(out):
     return M.load_model(out).state_dict()
 
 
+def test_resume_refuses_the_optimizer_of_another_model_layout(distilled, tmp_path):
+    import torch
+    import train
+
+    out = tmp_path / "rl"
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(out)] + RL_FLAGS[:1] + ["2"] + RL_FLAGS[2:])
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    state["optimizer"]["param_groups"][0]["params"].append(99)  # one matrix more: separate q, k, v as before
+    torch.save(state, out / "trainer_state.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "rl", "--out", str(out), "--resume"])
+    assert str(e.value.code).startswith(f"error: --resume: {out / 'trainer_state.pt'} holds the optimizer of an earlier version")
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(distilled, tmp_path, monkeypatch):
     import mrpv
     import train
