@@ -16,7 +16,6 @@ The decoder's own benchmark is `python model.py --bench`, the sampler's against 
 rollout.py --bench`. `sampler` needs transformers installed (pip install transformers); nothing else does.
 """
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -97,10 +96,10 @@ def bench_sampler(rest) -> dict:
     the tiny default shape in the Qwen2 layout (q, k, v biases): 16 prompts of 32 tokens, 128 new tokens, no
     end token. Checks the tokens are equal, then times both by turns; prints the medians."""
     import rollout
-    p = argparse.ArgumentParser(prog="bench.py sampler")
-    p.add_argument("--rounds", type=int, default=5, help="timed calls of each sampler, by turns")
-    p.add_argument("--batch", type=int, default=16, help="prompts")
-    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt")
+    p = train.Parser(prog="bench.py sampler")
+    p.add_argument("--rounds", type=train.count, default=5, help="timed calls of each sampler, by turns")
+    p.add_argument("--batch", type=train.count, default=16, help="prompts")
+    p.add_argument("--new-tokens", type=train.count, default=128, help="new tokens per prompt")
     args = p.parse_args(rest)
     try:
         from transformers import AutoModelForCausalLM
@@ -146,9 +145,9 @@ def bench_sampler(rest) -> dict:
 
 def compare(rest):
     """`compare REV [--rounds N] -- BENCHMARK ARGS`: the benchmark on the working tree and on commit REV by turns."""
-    p = argparse.ArgumentParser(prog="bench.py compare")
+    p = train.Parser(prog="bench.py compare")
     p.add_argument("rev", help="the commit to compare the working tree with (anything git accepts: HEAD, main~3, a hash)")
-    p.add_argument("--rounds", type=int, default=3, help="runs of the benchmark on each side, by turns")
+    p.add_argument("--rounds", type=train.count, default=3, help="runs of the benchmark on each side, by turns (at least 1)")
     cut = rest.index("--") if "--" in rest else len(rest)
     args, bench = p.parse_args(rest[:cut]), rest[cut + 1:]  # after --: the benchmark and its flags (tiny, sft, sampler, ...)
     if not bench or bench[0] == "compare":
@@ -179,7 +178,7 @@ def compare(rest):
             git("worktree", "remove", "--force", str(tree))
     print(f"bench {' '.join(bench)}: medians of {args.rounds} runs each, alternating")
     a, b = sides
-    print(f"  {'':>24} {a:>14} {b:>14}  ratio")
+    print(f"  {'':>24} {a:>14} {b:>14}  ratio (working tree / {b}: below 1, less time here)")
     for key in figures[a][0]:
         ma, mb = (statistics.median(f[key] for f in figures[s]) for s in (a, b))
         print(f"  {key:>24} {ma:14.3f} {mb:14.3f}  {ma / mb:5.2f}  (runs: {', '.join(f'{f[key]:.3f}' for f in figures[a])} | "

@@ -201,10 +201,11 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
         logprobs[live, t] = lp.masked_fill(ended, 0.0)
         length[live] += ~ended
         done[live] = ended | torch.isin(tok, eos)
-        if t + 1 == max_new_tokens or bool(done.all()):
-            break
         ended = done[live]
-        if not compile and int(ended.sum()) * 4 >= ended.numel():  # a quarter has finished: they leave (choice 3)
+        n_ended = int(ended.sum())  # one host sync a step; the rows that left had all ended
+        if t + 1 == max_new_tokens or n_ended == ended.numel():
+            break
+        if not compile and n_ended * 4 >= ended.numel():  # a quarter has finished: they leave (choice 3)
             stay = (~ended).nonzero()[:, 0]  # (R',)
             cache.keep_rows(stay)
             live = stay if not torch.is_tensor(live) else live[stay]

@@ -81,6 +81,8 @@ def test_bench_refuses_an_unknown_shape():
     (["compare", "no-such-commit", "--", "tiny"], "error: compare: 'no-such-commit' is not a commit of the repository at"),
     (["compare", "HEAD"], "error: compare: name the benchmark after --, e.g. `python bench.py compare HEAD -- tiny`"),
     (["sft", "--steps", "3"], "error: the sft benchmark sets --stage, --steps, --eval-n and --out itself"),
+    (["compare", "HEAD", "--rounds", "0", "--", "sft"], "error: argument --rounds: must be >= 1 (got 0)"),
+    (["sampler", "--batch", "x"], "error: argument --batch: "),
 ])
 def test_bench_refuses_bad_comparisons_in_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
