@@ -5,7 +5,8 @@
     python bench.py sft                         # SFT steps of the default distillation (its late, MRPV-mixed batches)
     python bench.py sampler                     # rollout.generate against transformers' generate, same weights
     python bench.py compare HEAD~1 -- tiny      # one of the above on the working tree and on a commit, alternating
-    python bench.py sft --profile               # any of them, then where the time went (torch.profiler, by operator)
+    python bench.py sft --profile               # any of them, then where the time went (torch.profiler, by operator;
+                                                # sampler: both samplers together)
 
 Each benchmark leaves out its first step (a warm-up) and prints the mean (tiny, sft) or the median of its rounds
 (sampler). `compare` checks the commit out into a temporary git worktree, copies this file there, and runs
