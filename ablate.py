@@ -100,6 +100,8 @@ def get_args(argv):
     set_here = [f for f in rest if f.split("=")[0] in SET_BY_ABLATE]
     if set_here:
         raise D.DataError(f"{set_here[0]}: the ablation sets it for each run (it runs on the embedded domain)")
+    if any(f.split("=")[0] == "--show" for f in rest):
+        raise D.DataError("--show: is for train.py --stage eval (the ablation's evaluations score every problem)")
     rl = train.get_args(["--stage", "rl", "--steps", str(RL_STEPS), *rest])  # checks every passed-through flag
     return args, rest, rl
 

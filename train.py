@@ -178,6 +178,8 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--eval-n", type=ranged(int, 0), default=None, help=f"problems per evaluation split (default {D.EVAL_SIZES}; 0: none)")
     g.add_argument("--max-new-tokens", type=count, default=160, help="tokens generated per answer at most")
     g.add_argument("--eval-splits", default="test,hard", help="eval: embedded splits (dev, test, hard; choose settings on dev)")
+    g.add_argument("--show", type=ranged(int, 0), default=0, help="eval: instead of scoring, print the first N problems of the "
+                   "first split with the routes shown, the model's response and what is right (0: off)")
     return ap
 
 
@@ -284,6 +286,24 @@ def evaluate(model, tok, problems, banks, args):
             out.update({f"acc_{k}_{part}": share([x for x, ok in zip(r, keep) if ok]) for k, r in right.items()})
             out[f"verdict_acc_{part}"] = verdicts(keep)
     return {**out, **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
+
+
+def show(model, tok, problems, banks, args, split):
+    """--show N: the first N problems of a split, each with the routes evaluate() shows it (the same draw), the
+    model's greedy response with them, and what is right: the answer, and per route its verdict and first wrong step."""
+    n = min(args.show, len(problems))
+    shown = [mrpv.select_routes(banks[i], args.K, args.neg_share, random.Random(f"eval-{i}")) for i in range(n)]
+    texts = completions(model, tok, problems[:n], shown, args.max_new_tokens, layout_of(args))
+    verdict = lambda v: "no verdict" if v == "missing" else "sound" if v is None else f"wrong at step {v}" if v else "wrong"
+    for i, (p, routes, text) in enumerate(zip(problems, shown, texts)):
+        parsed, part = mrpv.parse(text), {None: "", True: ", route-only", False: ", taught"}[D.route_only(p)]
+        right = D.check(mrpv.answer_of(text, bool(args.data), parsed), p.answer)
+        print(f"\n=== {split} problem {i}{part}: the prompt\n{mrpv.build_prompt(p, routes, layout_of(args))}"
+              f"=== the response\n{text}\n=== what is right\nanswer {p.answer}: it says {parsed.answer} ({'right' if right else 'wrong'})")
+        for k, (r, (ok, step_ok)) in enumerate(zip(routes, mrpv.judged(parsed, routes)), 1):
+            truth, said = "sound" if r.correct else verdict(r.first_wrong or 0), verdict(parsed.verdicts.get(k, "missing"))
+            step = "" if step_ok is None or not ok else f", the step {'right' if step_ok else 'wrong'}"
+            print(f"route {k}: {truth}; it says {said} (verdict {'right' if ok else 'wrong'}{step})")
 
 
 def evaluate_and_log(model, tok, evals, args, path, step, **extra):
@@ -628,6 +648,9 @@ def run_eval(args):
     sets = eval_sets(args, D.eval_splits(args.eval_splits))
     if not sets:
         raise D.DataError("--stage eval with --data needs --eval-data FILE (the problems to evaluate on)")
+    if args.show:
+        split, (problems, banks) = next(iter(sets.items()))
+        return show(model, tok, problems, banks, args, split)
     out = Path(args.out or args.init)
     out.mkdir(parents=True, exist_ok=True)
     print(f"eval: {args.init} on {device}; appending to {out / 'eval.jsonl'}", flush=True)

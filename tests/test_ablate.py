@@ -112,6 +112,7 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
     assert fails("--temperature", "-1") == "error: argument --temperature: must be > 0 (got -1)"  # a train.py flag
     assert fails("--no-such-flag") == "error: unrecognized arguments: --no-such-flag"
     assert fails("--init", "x") == "error: --init: the ablation sets it for each run (it runs on the embedded domain)"
+    assert fails("--show", "3") == "error: --show: is for train.py --stage eval (the ablation's evaluations score every problem)"
     assert fails("--out", str(tmp_path / "b"), "--resume") == f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
     (tmp_path / "old").mkdir()  # a folder of an earlier version: its starts have another domain and format
     (tmp_path / "old" / "ablate.json").write_text(json.dumps({"command": "python ablate.py --quick", "argv": ["--quick"]}))

@@ -211,6 +211,19 @@ def params(out):
     return M.load_model(out).state_dict()
 
 
+def test_eval_show_prints_prompts_responses_and_what_is_right(distilled, capsys):
+    import train
+
+    log = distilled / "eval.jsonl"
+    before = log.read_text() if log.exists() else None
+    train.main(["--stage", "eval", "--init", str(distilled), "--eval-splits", "dev", "--eval-n", "20", "--show", "2",
+                "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert out.count("=== dev problem ") == 2 and out.count("=== the response") == 2 and out.count("=== what is right") == 2
+    assert "How many" in out and out.count("\nroute 1: ") == 2 and "(verdict " in out
+    assert (log.read_text() if log.exists() else None) == before  # showing is not scoring: nothing appended
+
+
 def test_resume_refuses_the_optimizer_of_another_model_layout(distilled, tmp_path):
     import torch
     import train
