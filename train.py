@@ -567,6 +567,14 @@ def rl_row(step, run: RLRun, rewards, samples, batch, loss, stats, bad, t, args,
                 sampled_tokens=n_tokens, trained_tokens=trained, peak_gib=M.peak_memory_gib(device))
 
 
+@torch.no_grad()
+def copy_weights(dst: M.Transformer, src: M.Transformer):
+    """dst's parameters take src's values (cast to dst's dtype), tensor by tensor: no state_dict round trip,
+    which would split and re-stack the stacked matrices (model.py choice 5) in a transient float32 copy."""
+    for d, s in zip(dst.parameters(), src.parameters(), strict=True):
+        d.copy_(s)
+
+
 def save_rl(run: RLRun, args, out, step, rank, world):
     if rank == 0:
         save_run(run.model, run.tok, out, {"stage": "rl", "step": step, "optimizer": run.opt.state_dict(), "args": vars(args),
@@ -616,7 +624,7 @@ def run_rl(args):
         # 5. the PPO-clip update (grpo.py)
         loss, stats, bad = grpo.policy_update(run.model, run.ref, run.opt, batch, args, world, run.tok.pad_id)
         if run.sampler is not run.model:  # CUDA: the bf16 sampler gets the new weights
-            run.sampler.load_state_dict(run.model.state_dict())
+            copy_weights(run.sampler, run.model)
         t.append(grpo.clock(device))
         # 6. log, evaluate, save
         bad_run = bad_run + 1 if bad else 0

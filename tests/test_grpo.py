@@ -211,6 +211,24 @@ def params(out):
     return M.load_model(out).state_dict()
 
 
+def test_the_bfloat16_sampler_copy_takes_the_trained_weights():
+    """CUDA's sampler is a bfloat16 copy of the policy (train.py choice 4), refreshed after each update."""
+    import copy
+    import train
+
+    torch.manual_seed(0)
+    model = M.Transformer(M.tiny_config(40, hidden_size=32, intermediate_size=64, num_hidden_layers=2))
+    sampler = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # an update
+    train.copy_weights(sampler, model)
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    got = sampler.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)  # exact: a cast, computed once each way
+    assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # still tied
+
+
 def test_eval_show_prints_prompts_responses_and_what_is_right(distilled, capsys):
     import train
 
