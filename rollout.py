@@ -195,20 +195,20 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     done = torch.zeros(N, dtype=torch.bool, device=device)  # stopped on an end token
     live = slice(None)  # the rows still in the batch: all of them, then a (R,) index once finished rows left (choice 3)
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, generators, *((live, N) if torch.is_tensor(live) else ()))  # (R,)
+        tok, lp = sample(logits, temperature, top_k, top_p, generators, None if isinstance(live, slice) else live, N)  # (R,)
         ended = done[live]  # (R,): rows that finished before this step are not touched
         out[live, t] = tok.masked_fill(ended, pad_id)
         logprobs[live, t] = lp.masked_fill(ended, 0.0)
         length[live] += ~ended
-        done[live] = ended | torch.isin(tok, eos)
-        ended = done[live]
+        ended = ended | torch.isin(tok, eos)  # (R,): and those that finish now
+        done[live] = ended
         n_ended = int(ended.sum())  # one host sync a step; the rows that left had all ended
         if t + 1 == max_new_tokens or n_ended == ended.numel():
             break
         if not compile and n_ended * 4 >= ended.numel():  # a quarter has finished: they leave (choice 3)
             stay = (~ended).nonzero()[:, 0]  # (R',)
             cache.keep_rows(stay)
-            live = stay if not torch.is_tensor(live) else live[stay]
+            live = stay if isinstance(live, slice) else live[stay]
         logits = step(out[live, t:t + 1], (next_pos[live] + t)[:, None])
 
     out, logprobs, length, done = out.tolist(), logprobs.tolist(), length.tolist(), done.tolist()

@@ -261,13 +261,18 @@ def completions(model, tok, problems, routes, max_new_tokens, layout=mrpv.Layout
     return [tok.decode(o) for o in greedy(model, prompts, max_new_tokens, tok.eos_ids, tok.pad_id)]
 
 
+def eval_routes(banks, args):
+    """The routes evaluation shows problem i: K drawn from its bank, seeded by i alone (choice 3)."""
+    return [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
+
+
 def evaluate(model, tok, problems, banks, args):
     """acc_autonomous (no routes), acc_with_routes (K routes from the bank, seeded per problem; choice 3), each
     problem's 0 / 1 (right_*, for paired comparisons), verdict_acc (share of shown routes judged right), split by
     whether the answer with routes is right (verdict_acc_own_right / _own_wrong), and step_acc (share of shown
     wrong routes whose first wrong step is named). On the embedded domain also per part, taught and route-only
     (domain.py choice 5): n_<part>, acc_autonomous_<part>, acc_with_routes_<part>, verdict_acc_<part>."""
-    shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
+    shown = eval_routes(banks, args)
     routes = {"autonomous": [[]] * len(problems), "with_routes": shown}
     texts = {k: completions(model, tok, problems, r, args.max_new_tokens, layout_of(args)) for k, r in routes.items()}
     right = {k: [D.check(mrpv.answer_of(t, bool(args.data)), p.answer) for t, p in zip(ts, problems)] for k, ts in texts.items()}  # --data: free-form
@@ -292,7 +297,7 @@ def show(model, tok, problems, banks, args, split):
     """--show N: the first N problems of a split, each with the routes evaluate() shows it (the same draw), the
     model's greedy response with them, and what is right: the answer, and per route its verdict and first wrong step."""
     n = min(args.show, len(problems))
-    shown = [mrpv.select_routes(banks[i], args.K, args.neg_share, random.Random(f"eval-{i}")) for i in range(n)]
+    shown = eval_routes(banks[:n], args)
     texts = completions(model, tok, problems[:n], shown, args.max_new_tokens, layout_of(args))
     verdict = lambda v: "no verdict" if v == "missing" else "sound" if v is None else f"wrong at step {v}" if v else "wrong"
     for i, (p, routes, text) in enumerate(zip(problems, shown, texts)):
