@@ -23,9 +23,12 @@ Choices that are ours:
    intervals come from a two-stage bootstrap (seeds, then problems within a seed; 1,000 draws,
    percentile interval), which counts both the spread of the distilled starts and the sampling of the
    problems; with one seed it is the problems' sampling alone.
-5. `--quick` evaluates on test alone (the full table: test and hard), and ready runs start longest first
-   (`cost`), so that the quick ablation fitted in 15 minutes on 2 CPU cores with the earlier 4-minute
-   distillation; the default distillation now takes about 15 minutes by itself.
+5. `--quick` evaluates on test alone (the full table: test and hard). Ready runs start seed by seed and,
+   within a seed, longest first (`order`): an ablation stopped part-way holds whole seeds, and --resume
+   runs the rest.
+6. The links of ReaLM's mechanism (not with --quick): the realm arm's RL run also evaluates on the first
+   eval split every third of the steps up to the hand-over (the step EAAI's signal reaches 0), so from
+   the start through the phase with routes, at the hand-over and at the end; results.md tabulates them.
 """
 
 import argparse
@@ -60,6 +63,7 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 }
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
 RL_STEPS = 60  # choice 1
+LINKS_ARM = "realm"  # whose mechanism is measured link by link (choice 6)
 SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
 VERSION = 2  # of ablate.json: 2 since the route-only rule changed the defaults of the data and the format
 PARTS = ("_taught", "_route_only")  # the embedded domain's parts of a split (domain.py choice 5), in results.jsonl
@@ -129,7 +133,7 @@ class Run(NamedTuple):
     cmds: list  # its train.py commands, run one after another
 
 
-def runs_of(args, rest, out: Path):
+def runs_of(args, rest, rl, out: Path):
     """Each seed's distillation(s), then each arm: rl from that start, then eval."""
     py = [sys.executable, str(Path(train.__file__).resolve())]
     distill_cmd = [*py, "--stage", "distill", *distill_flags(rest), "--eval-n", "0", "--steps", str(args.distill_steps)]
@@ -147,10 +151,26 @@ def runs_of(args, rest, out: Path):
             _, kind, arm_flags = ARMS[a]
             folder = out / f"seed{s}" / a
             init = str(start[kind]) if kind else "scratch"
-            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags]]
+            links = link_flags(args, rl) if a == LINKS_ARM else []
+            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *links]]
             cmds.append([*eval_cmd, "--init", str(start[kind] if arm_flags is None else folder), "--out", str(folder)])
             runs.append(Run((a, s), kind and (kind, s), folder, cmds))
     return runs
+
+
+def handover(rl):
+    """The RL step at which EAAI's signal reaches 0 (the last step with routes is the one before)."""
+    return round((rl.eaai_hold + rl.eaai_decay) * rl.steps)
+
+
+def link_flags(args, rl):
+    """The realm arm's evaluations during RL (choice 6): every third of the steps to the hand-over, on the first
+    eval split, as many problems as its final evaluation."""
+    if args.quick or handover(rl) < 1:
+        return []
+    split = args.splits[0]
+    n = D.EVAL_SIZES[split] if rl.eval_n is None else rl.eval_n
+    return ["--eval-every", str(max(1, handover(rl) // 3)), "--eval-n", str(n), "--eval-splits", split]
 
 
 def run_logged(run: Run, threads: int):
@@ -169,15 +189,12 @@ def run_logged(run: Run, threads: int):
     return time.time() - t0, None
 
 
-def cost(run: Run):
-    """Ready runs start longest first (choice 5): a distillation (its seed's arms wait on it), arms that show
-    routes on every prompt, arms whose routes fade, arms without routes, an evaluation alone."""
-    if run.key[0] not in ARMS:
-        return 4
-    flags = ARMS[run.key[0]][2]
-    if flags is None:
-        return 0
-    return 3 if "--no-anneal" in flags else 1 if "none" in flags else 2
+def order(run: Run):
+    """Ready runs start seed by seed, then longest first (choice 5): a distillation (its seed's arms wait on it),
+    arms that show routes on every prompt, arms whose routes fade, arms without routes, an evaluation alone."""
+    flags = ARMS[run.key[0]][2] if run.key[0] in ARMS else ["distill"]
+    longest = 0 if flags is None else 4 if flags == ["distill"] else 3 if "--no-anneal" in flags else 1 if "none" in flags else 2
+    return run.key[1], -longest
 
 
 def start(argv):
@@ -214,7 +231,7 @@ def run_ablation(argv):
     jobs = args.jobs or (1 if train.pick_device(rl.device).type == "cuda" else 2)
     done = out / "runs.jsonl"
     finished = {tuple(json.loads(x)["key"]) for x in done.read_text().splitlines()} if done.is_file() else set()
-    pending = [r for r in runs_of(args, rest, out) if r.key not in finished]
+    pending = [r for r in runs_of(args, rest, rl, out) if r.key not in finished]
     print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
           f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
           f"({args.distill_steps} steps); eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
@@ -224,7 +241,7 @@ def run_ablation(argv):
     with ThreadPoolExecutor(jobs) as pool:
         running = {}
         while pending or running:
-            ready = sorted((r for r in pending if r.needs is None or r.needs in finished), key=cost, reverse=True)
+            ready = sorted((r for r in pending if r.needs is None or r.needs in finished), key=order)
             for r in ready[:jobs - len(running)]:
                 threads = max(1, cores // min(jobs, len(ready) + len(running)))  # alone: every core (choice 2)
                 running[pool.submit(run_logged, r, threads)] = (r, threads)

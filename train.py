@@ -67,6 +67,7 @@ STAGE_DEFAULTS = {
     "distill": dict(init="scratch", steps=800, lr=2e-3, warmup=30, lr_schedule="cosine"),
     "rl": dict(init="out/distill", steps=120, lr=3e-5, warmup=3, lr_schedule="constant"),
 }
+EVAL_SPLITS = {"distill": "dev", "rl": "dev,test", "eval": "test,hard"}  # what each stage evaluates unless --eval-splits
 PRETRAINED_LR = {"distill": 1e-5, "rl": 1e-6}  # distill from a checkpoint --init, rl on --data (choice 4)
 SCRATCH_SHAPES = {"tiny": lambda vocab: M.tiny_config(vocab, max_position_embeddings=1024),
                   "qwen2.5-0.5b": lambda vocab: M.qwen25_05b_config(), "qwen2.5-1.5b": lambda vocab: M.qwen25_15b_config()}
@@ -177,7 +178,8 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--eval-every", type=ranged(int, 0), default=0, help="evaluate every k steps (0: only at the end)")
     g.add_argument("--eval-n", type=ranged(int, 0), default=None, help=f"problems per evaluation split (default {D.EVAL_SIZES}; 0: none)")
     g.add_argument("--max-new-tokens", type=count, default=160, help="tokens generated per answer at most")
-    g.add_argument("--eval-splits", default="test,hard", help="eval: embedded splits (dev, test, hard; choose settings on dev)")
+    g.add_argument("--eval-splits", default=None, help="embedded splits evaluated, of dev, test, hard (default: distill "
+                   f"{EVAL_SPLITS['distill']}, rl {EVAL_SPLITS['rl']}, eval {EVAL_SPLITS['eval']}; choose settings on dev)")
     g.add_argument("--show", type=ranged(int, 0), default=0, help="eval: instead of scoring, print the first N problems of the "
                    "first split with the routes shown, the model's response and what is right (0: off)")
     return ap
@@ -192,6 +194,7 @@ def get_args(argv=None):
     pretrained = (pre.stage == "distill" and pre.init not in (None, "scratch")) or (pre.stage == "rl" and pre.data)
     args = parser(pre.stage, pretrained).parse_args(argv)
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args.eval_splits = EVAL_SPLITS.get(args.stage, "test,hard") if args.eval_splits is None else args.eval_splits
     check_args(args)
     return args
 
@@ -403,7 +406,7 @@ def run_distill(args):
         routed = [reading[i % len(reading)] if rng.random() < args.reading else r for i, r in enumerate(routed)]
     if not args.data:  # what guidance buys: the embedded teacher without the rules
         print(f"without the rules the teacher is right on {sum(D.teacher_route(p, False).correct for p in problems) / len(problems):.1%}")
-    evals = eval_sets(args, ["dev"])  # settings are chosen on dev; the eval stage gives test and hard
+    evals = eval_sets(args, D.eval_splits(args.eval_splits))  # settings are chosen on dev; the eval stage gives test and hard
     print(f"distill: {'UNGUIDED' if args.unguided else 'guided'} teacher right on {distill.teacher_accuracy(banks):.1%} of "
           f"{len(problems)} problems; SFT on the {len(taught)} taught -> SFT examples ({args.mrpv_share:.0%} MRPV from step {round(args.mrpv_from * args.steps)}"
           f"{f', {args.reading:.0%} of them reading drills' if reads(args) else ''}, + {drills(args)} verdict drills a batch); "
@@ -508,7 +511,7 @@ def rl_setup(args, out, state, rank, device) -> RLRun:
     answer_only = args.reward == "answer"
     weights = mrpv.Weights(verdict=0.0 if answer_only else args.w_verdict, step=0.0 if answer_only else args.w_step,
                            format=args.w_format, chain=1.0 if args.reward == "steps" else 0.0, gate=args.verdict_gate, consistent=args.consistent)
-    evals = eval_sets(args, ["dev", "test"]) if rank == 0 else {}
+    evals = eval_sets(args, D.eval_splits(args.eval_splits)) if rank == 0 else {}
     run = RLRun(model, sampler, ref, tok, problems, banks, annealer, weights, make_optimizer(model, args),
                 random.Random(args.seed), evals)
     if state:

@@ -31,7 +31,7 @@ def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
     argv = ["--arms", "distill,grpo,realm", "--seeds", "2", "--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"]
     args, rest, rl = ablate.get_args(argv)
     assert rest == ["--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"] and rl.new_rl_flag == 0.25 and rl.steps == 60
-    runs = ablate.runs_of(args, rest, tmp_path)
+    runs = ablate.runs_of(args, rest, rl, tmp_path)
     assert [r.key for r in runs] == [("guided", 0), ("distill", 0), ("grpo", 0), ("realm", 0),
                                      ("guided", 1), ("distill", 1), ("grpo", 1), ("realm", 1)]
     for r in runs:
@@ -125,8 +125,21 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
 
 
 def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path):
-    args, rest, _ = ablate.get_args(["--quick"])
+    args, rest, rl = ablate.get_args(["--quick"])
     assert (args.seeds, args.arms, args.splits) == (1, list(ablate.QUICK_ARMS), ["test"])
     assert ablate.get_args([])[0].splits == ["test", "hard"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
-    runs = ablate.runs_of(args, rest, tmp_path)
-    assert [r.key[0] for r in sorted(runs, key=ablate.cost, reverse=True)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
+    runs = ablate.runs_of(args, rest, rl, tmp_path)
+    assert [r.key[0] for r in sorted(runs, key=ablate.order)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
+    assert not any("--eval-every" in c for r in runs for c in r.cmds[0])  # no link evaluations in the quick ablation
+
+
+def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):
+    args, rest, rl = ablate.get_args(["--arms", "grpo,realm", "--seeds", "2", "--steps", "30", "--eaai-decay", "0.5"])
+    runs = ablate.runs_of(args, rest, rl, tmp_path)
+    assert [r.key for r in sorted(runs, key=ablate.order)] == [("guided", 0), ("realm", 0), ("grpo", 0),
+                                                                ("guided", 1), ("realm", 1), ("grpo", 1)]
+    realm_rl, grpo_rl = (next(r for r in runs if r.key == (a, 0)).cmds[0] for a in ("realm", "grpo"))
+    assert ablate.handover(rl) == 15 and realm_rl[-6:] == ["--eval-every", "5", "--eval-n", "1000", "--eval-splits", "test"]
+    assert "--eval-every" not in grpo_rl and grpo_rl[grpo_rl.index("--eval-n") + 1] == "0"
+    got = train.get_args(realm_rl[2:])  # the command as train.py reads it: the arm's flags win
+    assert (got.eval_every, got.eval_n, got.eval_splits, got.steps) == (5, 1000, "test", 30)
