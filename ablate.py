@@ -1,7 +1,7 @@
 """The ablation: the paper's comparisons on the embedded domain, every arm from the same distilled start.
 
-    python ablate.py --quick              # distill, grpo, cot-synth, realm; one seed -> out/ablate/results.md
-    python ablate.py                      # every arm, 3 seeds
+    python ablate.py --quick              # distill, grpo, cot-synth, realm; one seed, a shorter start -> out/ablate/results.md
+    python ablate.py                      # the paper's seven arms, 5 seeds (--arms: also unguided-realm, zero)
     python ablate.py --arms grpo,realm --lr 1e-4 --eaai-decay 0.3    # any train.py flag goes to every arm
     python ablate.py --out out/ablate --resume                        # run what is missing
     (python train.py --stage ablate ... is the same command)
@@ -14,8 +14,9 @@ parser and passed unchanged to every arm's rl and eval commands (the arm's own f
 them, win), and to the distillation too unless it belongs to train.py's rl or optimization group.
 
 Choices that are ours:
-1. Every arm gets 60 RL steps (half the rl default) so that all nine arms over three seeds fit in 3
-   hours on 2 CPU cores; `--steps` changes it.
+1. Every arm gets 60 RL steps (half the rl default), to keep the table within hours on 2 CPU cores;
+   `--steps` changes it. The default arms are the paper's comparisons (DEFAULT_ARMS); unguided-realm
+   and zero are there for --arms.
 2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
    run on the tiny model); a command that starts alone gets every core.
 3. RFT and GRPO use the answer reward without routes (the paper's baselines).
@@ -23,7 +24,9 @@ Choices that are ours:
    intervals come from a two-stage bootstrap (seeds, then problems within a seed; 1,000 draws,
    percentile interval), which counts both the spread of the distilled starts and the sampling of the
    problems; with one seed it is the problems' sampling alone.
-5. `--quick` evaluates on test alone (the full table: test and hard). Ready runs start seed by seed and,
+5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` distills
+   for QUICK_DISTILL_STEPS steps (half the default), so that it fits 15 minutes on 2 CPU cores; its start
+   is weaker than the default's (RESULTS.md). Ready runs start seed by seed and,
    within a seed, longest first (`order`): an ablation stopped part-way holds whole seeds, and --resume
    runs the rest.
 6. The links of ReaLM's mechanism (not with --quick): the realm arm's RL run also evaluates on the first
@@ -61,7 +64,9 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
     "unguided-realm": ("ReaLM from the unguided distillation", "unguided", ["--unguided"]),  # for --fresh-problems' routes
     "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, []),
 }
+DEFAULT_ARMS = ("distill", "rft", "grpo", "cot-synth", "mrpv", "eaai", "realm")  # the paper's comparisons (choice 1)
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
+QUICK_DISTILL_STEPS = 400  # choice 5
 RL_STEPS = 60  # choice 1
 LINKS_ARM = "realm"  # whose mechanism is measured link by link (choice 6)
 SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
@@ -75,15 +80,16 @@ def parser():
     ap = train.Parser(description="ReaLM's ablation: every arm from one distilled start, over seeds, "
                                  "into one table. Any other flag is a train.py flag given to every arm.", allow_abbrev=False)
     ap.add_argument("--stage", choices=["ablate"], help=argparse.SUPPRESS)  # python train.py --stage ablate
-    ap.add_argument("--arms", help=f"comma-separated arms (default: all; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
-    ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 3; --quick: 1)")
+    ap.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)}; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
+    ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
-    ap.add_argument("--quick", action="store_true", help="the key arms (unless --arms), one seed (unless --seeds)")
-    ap.add_argument("--distill-steps", type=train.count, default=train.STAGE_DEFAULTS["distill"]["steps"],
-                    help="steps of each seed's distillation (default: train.py's)")
+    ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed (unless --seeds), "
+                    f"a {QUICK_DISTILL_STEPS}-step distillation (unless --distill-steps)")
+    ap.add_argument("--distill-steps", type=train.count, default=None,
+                    help=f"steps of each seed's distillation (default: train.py's, {train.STAGE_DEFAULTS['distill']['steps']}; --quick: {QUICK_DISTILL_STEPS})")
     ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
-    ap.add_argument("--eval-splits", default=None, help="the embedded splits every arm is evaluated on (default "
-                    "test,hard; --quick: test; of dev, test, hard: choose settings on dev, never on test)")
+    ap.add_argument("--eval-splits", default="test", help="the embedded splits every arm is evaluated on (default test; "
+                    "of dev, test, hard: choose settings on dev, never on test)")
     ap.add_argument("--out", default="out/ablate", help="the ablation's folder")
     ap.add_argument("--resume", action="store_true", help="run what --out's runs.jsonl lacks, with the saved flags")
     return ap
@@ -93,10 +99,9 @@ def get_args(argv):
     """(the ablation's flags, the train.py flags passed through, those flags as rl parses them)."""
     ap = parser()
     args, rest = ap.parse_known_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    if args.eval_splits is None:
-        args.eval_splits = "test" if args.quick else "test,hard"
-    args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
+    args.seeds = args.seeds or (1 if args.quick else 5)
+    args.distill_steps = args.distill_steps or (QUICK_DISTILL_STEPS if args.quick else train.STAGE_DEFAULTS["distill"]["steps"])
+    args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else DEFAULT_ARMS)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise D.DataError(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
@@ -151,8 +156,8 @@ def runs_of(args, rest, rl, out: Path):
             _, kind, arm_flags = ARMS[a]
             folder = out / f"seed{s}" / a
             init = str(start[kind]) if kind else "scratch"
-            links = link_flags(args, rl) if a == LINKS_ARM else []
-            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *links]]
+            measure = link_flags(args, rl) if a == LINKS_ARM else []
+            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *measure]]
             cmds.append([*eval_cmd, "--init", str(start[kind] if arm_flags is None else folder), "--out", str(folder)])
             runs.append(Run((a, s), kind and (kind, s), folder, cmds))
     return runs
@@ -339,63 +344,115 @@ def cpu_name():
 
 
 KINDS = {"alone": "autonomous", "with routes": "with_routes"}
+PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all of it
 COMPARISONS = (("realm", "cot-synth", "with routes", "+4.2"), ("realm", "grpo", "alone", "+2.6"))  # the paper's two
 
 
+def part_bits(row, kind, part):
+    """A result line's 0 / 1 string for `kind` over the problems of `part` ('' all, '_taught', '_route_only')."""
+    bits = row[f"right_{kind}"]
+    if not part:
+        return bits
+    keep = "1" if part == "_route_only" else "0"
+    return "".join(b for b, m in zip(bits, row["route_only"]) if m == keep)
+
+
+def parts_of(rows):
+    """The parts a split's lines have problems in: taught and route-only on the embedded domain, else all."""
+    return [p for p in ("_taught", "_route_only") if any(r.get(f"n{p}") for r in rows)] or [""]
+
+
 def write_table(out: Path, args, rl, command):
-    """results.md: per arm and split, accuracy alone and with routes (mean ± std over the seeds done), its
-    verdicts and autonomous updates; then each arm against the distilled start, GRPO and CoT-Synthesizer
-    style: paired differences with 95 % intervals; whether the start reads routes; the paper's two comparisons."""
+    """results.md: per split, each arm's accuracy alone and with routes and its verdicts, by part (taught,
+    route-only), mean ± std over the seeds done, with its autonomous updates; each arm against the distilled
+    start, GRPO and CoT-Synthesizer style: paired differences with 95 % intervals, by part; whether the start
+    reads routes; the paper's two comparisons on route-only problems; ReaLM's links (choice 6)."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
     res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
     seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
-    bits = lambda a, sp, k: {s: res[a, s, sp][f"right_{k}"] for s in done(a)}
-    verdict_accs = lambda a: [v for s in done(a) if (v := res[a, s, splits[0]].get("verdict_acc")) is not None]  # older lines lack it
-    verdicts = lambda a: mean_std(verdict_accs(a)) if verdict_accs(a) else "-"
-    n = {sp: "/".join(map(str, sorted({r["n"] for r in rows if r["split"] == sp}))) for sp in splits}  # one size each
+    bits = lambda a, sp, k, part: {s: part_bits(res[a, s, sp], k, part) for s in done(a)}
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
-    head = " | ".join(f"{sp} {m}" for sp in splits for m in KINDS)
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
              f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
              f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
              f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
-             f"(learning rate: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
-             f"- Greedy accuracy (%) on {', '.join(f'{sp} {n[sp]}' for sp in splits)} problems, mean ± std over the "
-             f"seeds done (of {', '.join(map(str, seeds))}); 'alone': no routes in the prompt; 'with routes': {rl.K} "
-             f"teacher routes, right and wrong. 'Autonomous': RL updates with no route in any prompt, and their "
-             f"summed learning rate. 'Verdicts': the share of shown routes judged right with routes ({splits[0]}; "
-             f"chance 50 %).",
+             f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
+             f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
+             f"problems (what the distillation teaches) and route-only ones (a rule only the teacher's routes carry); "
+             f"'alone': no routes in the prompt; 'with routes': {rl.K} teacher routes, right and wrong. 'Verdicts': the "
+             f"share of shown routes judged right (chance 50 %). 'Autonomous': RL updates with no route in any prompt, "
+             f"and their summed learning rate.",
              f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
-             f"{sum(r['minutes'] for r in runs):.0f} min.", "",
-             f"| arm | what | seeds | {head} | verdicts | autonomous updates (Σ lr) | min a run |",
-             "|---|---|---|" + "---|" * len(splits) * 2 + "---|---|---|"]
-    for a in args.arms:
-        cells = [mean_std([res[a, s, sp][f"acc_{k}"] for s in done(a)]) if done(a) else "" for sp in splits for k in KINDS.values()]
-        auto = [(res[a, s, splits[0]]["autonomous_updates"], res[a, s, splits[0]]["autonomous_lr_sum"]) for s in done(a)]
-        auto = f"{mean_or_dash([u for u, _ in auto])} ({sum(x for _, x in auto) / max(1, len(auto)):.2g})" if auto else ""
-        lines.append(f"| {a} | {ARMS[a][0]} | {len(done(a))} | " + " | ".join(cells) + f" | {verdicts(a)} | {auto} | {mean_or_dash(minutes(a))} |")
-    for ref in ("distill", "grpo", "cot-synth"):
-        if ref not in args.arms or not done(ref):
-            continue
-        lines += ["", f"Each arm minus {ref}, paired by seed and problem: mean difference in points [95 % interval] "
-                  f"(seeds in both):", "", f"| arm | seeds | {head} |", "|---|---|" + "---|" * len(splits) * 2]
+             f"{sum(r['minutes'] for r in runs):.0f} min."]
+    for sp in splits:
+        here = [r for r in rows if r["split"] == sp]
+        parts, n = parts_of(here), "/".join(map(str, sorted({r["n"] for r in here})))
+        sizes = ", ".join(f"{'/'.join(map(str, sorted({r[f'n{p}'] for r in here})))} {PARTS_SHOWN[p]}" for p in parts if p)
+        head = " | ".join(f"{PARTS_SHOWN[p]} {m}" for p in parts for m in KINDS)
+        lines += ["", f"## {sp}: {n} problems{f' ({sizes})' if sizes else ''}", "",
+                  f"| arm | what | seeds | {head} | " + " | ".join(f"verdicts {PARTS_SHOWN[p]}" for p in parts)
+                  + " | autonomous updates (Σ lr) | min a run |", "|---|---|---|" + "---|" * (3 * len(parts) + 2)]
         for a in args.arms:
-            cis = [paired_ci(bits(a, sp, k), bits(ref, sp, k)) for sp in splits for k in KINDS.values()]
-            if a != ref and cis[0]:
-                lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
-    if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help, verdicts beat chance)
-        c = paired_ci(bits("distill", splits[0], "with_routes"), bits("distill", splits[0], "autonomous"))
-        lines += ["", f"The start, {splits[0]}: with routes minus alone {ci_text(c)} points (paired over {c[3]} seed(s)); "
-                  f"verdicts {verdicts('distill')} % right."]
+            ds = [s for s in done(a) if (a, s, sp) in res]
+            cell = lambda key: mean_std(xs) if (xs := [v for s in ds if (v := res[a, s, sp].get(key)) is not None]) else "-"
+            auto = [(res[a, s, sp]["autonomous_updates"], res[a, s, sp]["autonomous_lr_sum"]) for s in ds]
+            auto = f"{mean_or_dash([u for u, _ in auto])} ({sum(x for _, x in auto) / max(1, len(auto)):.2g})" if auto else ""
+            lines.append(f"| {a} | {ARMS[a][0]} | {len(ds)} | " + " | ".join(cell(f"acc_{k}{p}") for p in parts for k in KINDS.values())
+                         + " | " + " | ".join(cell(f"verdict_acc{p}") for p in parts) + f" | {auto} | {mean_or_dash(minutes(a))} |")
+        for ref in ("distill", "grpo", "cot-synth"):
+            if ref not in args.arms or not done(ref):
+                continue
+            lines += ["", f"Each arm minus {ref}, {sp}, paired by seed and problem: mean difference in points [95 % interval]:",
+                      "", f"| arm | seeds | {head} |", "|---|---|" + "---|" * len(parts) * 2]
+            for a in args.arms:
+                cis = [paired_ci(bits(a, sp, k, p), bits(ref, sp, k, p)) for p in parts for k in KINDS.values()]
+                if a != ref and cis[0]:
+                    lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
+        if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help, verdicts beat chance)
+            gains = [(p, paired_ci(bits("distill", sp, "with_routes", p), bits("distill", sp, "autonomous", p))) for p in parts]
+            lines += ["", f"The start, {sp}: with routes minus alone " + "; ".join(f"{PARTS_SHOWN[p]} {ci_text(c)}" for p, c in gains)
+                      + f" points (paired over {gains[0][1][3]} seed(s))."]
+    sp = splits[0]
+    part = "_route_only" if "_route_only" in parts_of([r for r in rows if r["split"] == sp]) else ""
     for a, b, mode, paper in COMPARISONS:
-        c = paired_ci(bits(a, splits[0], KINDS[mode]), bits(b, splits[0], KINDS[mode])) if a in args.arms and b in args.arms else None
+        c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if a in args.arms and b in args.arms else None
         if c:
-            lines += ["", f"{a} minus {b}, {splits[0]} {mode}: {ci_text(c)} points (paired over {c[3]} seed(s) and "
-                      f"{n[splits[0]]} problems; the paper: {paper})."]
+            lines += ["", f"**{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points** (paired over {c[3]} "
+                      f"seed(s); the paper: {paper})."]
+    lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+LINKS = (("acc_with_routes_route_only", "route-only with routes"), ("verdict_acc_route_only", "verdicts route-only"),
+         ("acc_autonomous_route_only", "route-only alone"), ("acc_autonomous_taught", "taught alone"))
+
+
+def links(out: Path, args, rl, seeds):
+    """ReaLM's mechanism link by link (choice 6), from its RL run's evaluations on the first split: the start,
+    the steps with routes, the hand-over and the end; mean ± std over the seeds."""
+    evals = {}
+    for s in seeds:
+        path = out / f"seed{s}" / LINKS_ARM / "metrics.jsonl"
+        for row in map(json.loads, path.read_text().splitlines() if path.is_file() else []):
+            if row.get("split") == args.splits[0] and "acc_with_routes_route_only" in row:
+                evals.setdefault(row["step"], []).append(row)
+    if not evals:
+        return []
+    def what(step):
+        if step in (0, handover(rl), rl.steps):
+            return {0: "the start (after SFT)", handover(rl): "hand-over", rl.steps: "end"}[step]
+        return "routes shown" if step < handover(rl) else "alone"
+
+    lines = ["", f"ReaLM's links, {args.splits[0]} ({LINKS_ARM}'s RL run; EAAI's signal reaches 0 at step {handover(rl)}), "
+             f"mean ± std over the seeds:", "", "| step | | seeds | " + " | ".join(name for _, name in LINKS) + " |",
+             "|---|---|---|" + "---|" * len(LINKS)]
+    for step, got in sorted(evals.items()):
+        cells = [mean_std(xs) if (xs := [r[k] for r in got if r.get(k) is not None]) else "-" for k, _ in LINKS]
+        lines.append(f"| {step} | {what(step)} | {len(got)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
 
 def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     out = tmp_path / "ab"
-    train.main(["--stage", "ablate", "--arms", "distill,grpo", "--seeds", "1", "--out", str(out), *TINY])
+    train.main(["--stage", "ablate", "--arms", "distill,grpo", "--seeds", "1", "--eval-splits", "test,hard", "--out", str(out), *TINY])
     runs = lines(out / "runs.jsonl")
     assert [r["key"] for r in runs][0] == ["guided", 0] and sorted(r["key"][0] for r in runs) == ["distill", "grpo", "guided"]
     grpo = next(r for r in runs if r["key"][0] == "grpo")["commands"]
@@ -72,12 +72,16 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     assert (grpo_row["updates"], grpo_row["autonomous_updates"], grpo_row["autonomous_lr_sum"]) == (2, 2, sum(lrs))
     table = (out / "results.md").read_text()
     assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
-    acc = {(r["arm"], r["split"]): r["acc_autonomous"] for r in results}  # the paired row: grpo minus its start
-    assert "Each arm minus distill, paired by seed and problem" in table
+    acc = {(r["arm"], r["split"]): r["acc_autonomous_taught"] for r in results}  # the paired row: grpo minus its start
+    assert "Each arm minus distill, test, paired by seed and problem" in table
     start = next(r for r in results if r["arm"] == "distill" and r["split"] == "test")  # does the start read routes
-    assert f"The start, test: with routes minus alone {100 * (start['acc_with_routes'] - start['acc_autonomous']):+.1f} [" in table
-    assert f"| grpo | 1 | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} [" in table
-    assert "Each arm minus grpo" in table and "| 2.0 (" in table and "test 4, hard 4 problems" in table  # grpo's 2 autonomous updates
+    gain = lambda part: 100 * (start[f"acc_with_routes_{part}"] - start[f"acc_autonomous_{part}"])
+    assert f"The start, test: with routes minus alone taught {gain('taught'):+.1f} [" in table
+    assert f"; route-only {gain('route_only'):+.1f} [" in table
+    assert f"| grpo | 1 | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} [" in table  # taught alone, first
+    n = (start["n_taught"], start["n_route_only"])
+    assert "Each arm minus grpo" in table and "| 2.0 (" in table and f"## test: 4 problems ({n[0]} taught, {n[1]} route-only)" in table
+    assert "## hard: 4 problems" in table and "ReaLM's links" not in table  # grpo's 2 autonomous updates; no realm arm
     assert len(lines(out / "seed0" / "grpo" / "metrics.jsonl")) == 2  # 2 rl steps, no in-loop eval
 
     # drop grpo's lines as if the command had been stopped during it: --resume reruns grpo, nothing else
@@ -127,7 +131,9 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
 def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path):
     args, rest, rl = ablate.get_args(["--quick"])
     assert (args.seeds, args.arms, args.splits) == (1, list(ablate.QUICK_ARMS), ["test"])
-    assert ablate.get_args([])[0].splits == ["test", "hard"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
+    assert ablate.get_args([])[0].splits == ["test"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
+    assert (args.distill_steps, ablate.get_args([])[0].distill_steps) == (ablate.QUICK_DISTILL_STEPS, train.STAGE_DEFAULTS["distill"]["steps"])
+    assert ablate.get_args([])[0].arms == list(ablate.DEFAULT_ARMS) and ablate.get_args([])[0].seeds == 5
     runs = ablate.runs_of(args, rest, rl, tmp_path)
     assert [r.key[0] for r in sorted(runs, key=ablate.order)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
     assert not any("--eval-every" in c for r in runs for c in r.cmds[0])  # no link evaluations in the quick ablation
@@ -143,3 +149,33 @@ def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):
     assert "--eval-every" not in grpo_rl and grpo_rl[grpo_rl.index("--eval-n") + 1] == "0"
     got = train.get_args(realm_rl[2:])  # the command as train.py reads it: the arm's flags win
     assert (got.eval_every, got.eval_n, got.eval_splits, got.steps) == (5, 1000, "test", 30)
+
+
+def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path):
+    """Hand-written result lines: the paper's comparisons read the route-only problems alone (a taught problem
+    that would change them is left out), and ReaLM's links come from its RL run's evaluation lines."""
+    args, rest, rl = ablate.get_args(["--arms", "distill,grpo,cot-synth,realm", "--seeds", "2", "--eval-splits", "test"])
+    right = {"distill": ("1100", "1101"), "grpo": ("1100", "1100"), "cot-synth": ("1110", "1110"), "realm": ("0111", "0011")}
+    for s in range(2):
+        for arm, (alone, routes) in right.items():
+            acc = lambda bits, part: bits[2:].count("1") / 2 if part == "route_only" else bits[:2].count("1") / 2
+            train.log(tmp_path / "results.jsonl", arm=arm, seed=s, split="test", n=4, route_only="0011", n_taught=2, n_route_only=2,
+                      right_autonomous=alone, right_with_routes=routes, acc_autonomous=alone.count("1") / 4,
+                      acc_with_routes=routes.count("1") / 4, verdict_acc=0.5, autonomous_updates=0, autonomous_lr_sum=0.0,
+                      **{f"acc_{k}_{p}": acc(b, p) for k, b in (("autonomous", alone), ("with_routes", routes)) for p in ("taught", "route_only")},
+                      **{f"verdict_acc_{p}": 0.5 for p in ("taught", "route_only")})
+            train.log(tmp_path / "runs.jsonl", key=[arm, s], minutes=1.0)
+        (tmp_path / f"seed{s}" / "realm").mkdir(parents=True)
+        for step in (0, 12, 24, 36, 48, 60):  # the realm arm's evaluations during RL, with an rl line between them
+            train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", step=step, split="test", acc_with_routes_route_only=step / 100 + s / 10,
+                      verdict_acc_route_only=0.5, acc_autonomous_route_only=0.0, acc_autonomous_taught=1.0)
+            train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", stage="rl", step=step + 1, reward=0.5)
+    ablate.write_table(tmp_path, args, rl, "python ablate.py")
+    table = (tmp_path / "results.md").read_text()
+    # route-only with routes: realm '11', '11' against cot-synth '10', '10' (all four problems: realm 3/4 + 2/4 against 3/4 + 3/4)
+    assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
+    assert "**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points**" in table  # '11' against '00'
+    assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table  # minus distill, taught: '01', '00' against '11', '11'
+    assert "EAAI's signal reaches 0 at step 36" in table
+    assert "| 36 | hand-over | 2 | 41.0 ± 7.1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table  # (0.36, 0.46): std 0.0707
+    assert "| 0 | the start (after SFT) | 2 |" in table and "| 24 | routes shown |" in table and "| 60 | end |" in table
