@@ -25,8 +25,8 @@ Choices that are ours:
    percentile interval), which counts both the spread of the distilled starts and the sampling of the
    problems; with one seed it is the problems' sampling alone.
 5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` distills
-   for QUICK_DISTILL_STEPS steps (half the default), so that it fits 15 minutes on 2 CPU cores; its start
-   is weaker than the default's (RESULTS.md). Ready runs start seed by seed and,
+   for QUICK_DISTILL_STEPS steps and gives every arm QUICK_RL_STEPS RL steps, so that it fits 15 minutes on
+   2 CPU cores: a look at the pipeline and its table, from a start far weaker than the default's (RESULTS.md). Ready runs start seed by seed and,
    within a seed, longest first (`order`): an ablation stopped part-way holds whole seeds, and --resume
    runs the rest.
 6. The links of ReaLM's mechanism (not with --quick): the realm arm's RL run also evaluates on the first
@@ -66,8 +66,9 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 }
 DEFAULT_ARMS = ("distill", "rft", "grpo", "cot-synth", "mrpv", "eaai", "realm")  # the paper's comparisons (choice 1)
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
-QUICK_DISTILL_STEPS = 400  # choice 5
+QUICK_DISTILL_STEPS = 300  # choice 5
 RL_STEPS = 60  # choice 1
+QUICK_RL_STEPS = 30  # choice 5
 LINKS_ARM = "realm"  # whose mechanism is measured link by link (choice 6)
 SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
 VERSION = 2  # of ablate.json: 2 since the route-only rule changed the defaults of the data and the format
@@ -84,7 +85,7 @@ def parser():
     ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
     ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed (unless --seeds), "
-                    f"a {QUICK_DISTILL_STEPS}-step distillation (unless --distill-steps)")
+                    f"a {QUICK_DISTILL_STEPS}-step distillation (unless --distill-steps), {QUICK_RL_STEPS} RL steps (unless --steps)")
     ap.add_argument("--distill-steps", type=train.count, default=None,
                     help=f"steps of each seed's distillation (default: train.py's, {train.STAGE_DEFAULTS['distill']['steps']}; --quick: {QUICK_DISTILL_STEPS})")
     ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
@@ -111,7 +112,8 @@ def get_args(argv):
         raise D.DataError(f"{set_here[0]}: the ablation sets it for each run (it runs on the embedded domain)")
     if any(f.split("=")[0] == "--show" for f in rest):
         raise D.DataError("--show: is for train.py --stage eval (the ablation's evaluations score every problem)")
-    rl = train.get_args(["--stage", "rl", "--steps", str(RL_STEPS), *rest])  # checks every passed-through flag
+    args.rl_steps = QUICK_RL_STEPS if args.quick else RL_STEPS  # unless rest has --steps
+    rl = train.get_args(["--stage", "rl", "--steps", str(args.rl_steps), *rest])  # checks every passed-through flag
     return args, rest, rl
 
 
@@ -142,7 +144,7 @@ def runs_of(args, rest, rl, out: Path):
     """Each seed's distillation(s), then each arm: rl from that start, then eval."""
     py = [sys.executable, str(Path(train.__file__).resolve())]
     distill_cmd = [*py, "--stage", "distill", *distill_flags(rest), "--eval-n", "0", "--steps", str(args.distill_steps)]
-    rl_cmd = [*py, "--stage", "rl", "--steps", str(RL_STEPS), *rest, "--eval-n", "0", "--save-every", "0"]
+    rl_cmd = [*py, "--stage", "rl", "--steps", str(args.rl_steps), *rest, "--eval-n", "0", "--save-every", "0"]
     eval_cmd = [*py, "--stage", "eval", *rest, "--eval-splits", args.eval_splits]
     seeds = range(args.seed, args.seed + args.seeds)
     runs = []

@@ -133,6 +133,7 @@ def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path):
     assert (args.seeds, args.arms, args.splits) == (1, list(ablate.QUICK_ARMS), ["test"])
     assert ablate.get_args([])[0].splits == ["test"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
     assert (args.distill_steps, ablate.get_args([])[0].distill_steps) == (ablate.QUICK_DISTILL_STEPS, train.STAGE_DEFAULTS["distill"]["steps"])
+    assert (rl.steps, ablate.get_args([])[2].steps, ablate.get_args(["--quick", "--steps", "9"])[2].steps) == (ablate.QUICK_RL_STEPS, 60, 9)
     assert ablate.get_args([])[0].arms == list(ablate.DEFAULT_ARMS) and ablate.get_args([])[0].seeds == 5
     runs = ablate.runs_of(args, rest, rl, tmp_path)
     assert [r.key[0] for r in sorted(runs, key=ablate.order)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
