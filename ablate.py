@@ -269,7 +269,8 @@ def run_ablation(argv):
                 tqdm.write(f"{name}, seed {r.key[1]}: done in {seconds / 60:.1f} min ({threads} threads)")
     bar.close()
     if done.is_file():  # also what rebuilds the table on a --resume with nothing left to run
-        write_table(out, args, rl, command)
+        for line in write_table(out, args, rl, command):  # the paper's comparisons, as far as the arms allow
+            print(line)
     print(f"ablate: {time.time() - t0:.0f} s; wrote {out}/results.md and results.jsonl")
     if failed or pending:
         raise train.TrainingError(f"{len(failed)} run(s) failed and {len(pending)} did not start; first: {failed[0]} "
@@ -368,7 +369,7 @@ def write_table(out: Path, args, rl, command):
     """results.md: per split, each arm's accuracy alone and with routes and its verdicts, by part (taught,
     route-only), mean ± std over the seeds done, with its autonomous updates; each arm against the distilled
     start, GRPO and CoT-Synthesizer style: paired differences with 95 % intervals, by part; whether the start
-    reads routes; the paper's two comparisons on route-only problems; ReaLM's links (choice 6)."""
+    reads routes; the paper's two comparisons on route-only problems (also returned, as lines); ReaLM's links (choice 6)."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
     res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
@@ -419,13 +420,16 @@ def write_table(out: Path, args, rl, command):
                       + f" points (paired over {gains[0][1][3]} seed(s))."]
     sp = splits[0]
     part = "_route_only" if "_route_only" in parts_of([r for r in rows if r["split"] == sp]) else ""
-    for a, b, mode, paper in COMPARISONS:
+    paper = []
+    for a, b, mode, figure in COMPARISONS:
         c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if a in args.arms and b in args.arms else None
         if c:
-            lines += ["", f"**{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points** (paired over {c[3]} "
-                      f"seed(s); the paper: {paper})."]
+            paper.append(f"{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points (paired over {c[3]} "
+                         f"seed(s); the paper: {figure})")
+    lines += [x for p in paper for x in ("", f"**{p}**.")]
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    return paper
 
 
 LINKS = (("acc_with_routes_route_only", "route-only with routes"), ("verdict_acc_route_only", "verdicts route-only"),

@@ -171,11 +171,12 @@ def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path)
             train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", step=step, split="test", acc_with_routes_route_only=step / 100 + s / 10,
                       verdict_acc_route_only=0.5, acc_autonomous_route_only=0.0, acc_autonomous_taught=1.0)
             train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", stage="rl", step=step + 1, reward=0.5)
-    ablate.write_table(tmp_path, args, rl, "python ablate.py")
+    paper = ablate.write_table(tmp_path, args, rl, "python ablate.py")
     table = (tmp_path / "results.md").read_text()
+    assert len(paper) == 2 and all(f"**{line}**." in table for line in paper)  # what the ablation prints at its end
     # route-only with routes: realm '11', '11' against cot-synth '10', '10' (all four problems: realm 3/4 + 2/4 against 3/4 + 3/4)
     assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
-    assert "**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points**" in table  # '11' against '00'
+    assert "**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points (paired over 2 seed(s); the paper: +2.6)**." in table  # '11' against '00'
     assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table  # minus distill, taught: '01', '00' against '11', '11'
     assert "EAAI's signal reaches 0 at step 36" in table
     assert "| 36 | hand-over | 2 | 41.0 ± 7.1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table  # (0.36, 0.46): std 0.0707
