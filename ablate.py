@@ -25,10 +25,10 @@ Choices that are ours:
    percentile interval), which counts both the spread of the distilled starts and the sampling of the
    problems; with one seed it is the problems' sampling alone.
 5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` distills
-   for QUICK_DISTILL_STEPS steps and gives every arm QUICK_RL_STEPS RL steps, so that it fits 15 minutes on
-   2 CPU cores: a look at the pipeline and its table, from a start far weaker than the default's (RESULTS.md). Ready runs start seed by seed and,
-   within a seed, longest first (`order`): an ablation stopped part-way holds whole seeds, and --resume
-   runs the rest.
+   for QUICK_DISTILL_STEPS steps and gives every arm QUICK_RL_STEPS RL steps, so that it fits 15 minutes
+   on 2 CPU cores: a look at the pipeline and its table, from a start far weaker than the default's
+   (RESULTS.md). Ready runs start seed by seed and, within a seed, longest first (`order`): an ablation
+   stopped part-way holds whole seeds, and --resume runs the rest.
 6. The links of ReaLM's mechanism (not with --quick): the realm arm's RL run also evaluates on the first
    eval split every third of the steps up to the hand-over (the step EAAI's signal reaches 0), so from
    the start through the phase with routes, at the hand-over and at the end; results.md tabulates them.
