@@ -199,8 +199,10 @@ def run_logged(run: Run, threads: int):
 def order(run: Run):
     """Ready runs start seed by seed, then longest first (choice 5): a distillation (its seed's arms wait on it),
     arms that show routes on every prompt, arms whose routes fade, arms without routes, an evaluation alone."""
-    flags = ARMS[run.key[0]][2] if run.key[0] in ARMS else ["distill"]
-    longest = 0 if flags is None else 4 if flags == ["distill"] else 3 if "--no-anneal" in flags else 1 if "none" in flags else 2
+    if run.key[0] not in ARMS:  # a distillation
+        return run.key[1], -4
+    flags = ARMS[run.key[0]][2]
+    longest = 0 if flags is None else 3 if "--no-anneal" in flags else 1 if "none" in flags else 2
     return run.key[1], -longest
 
 
@@ -448,8 +450,12 @@ def links(out: Path, args, rl, seeds):
     if not evals:
         return []
     def what(step):
-        if step in (0, handover(rl), rl.steps):
-            return {0: "the start (after SFT)", handover(rl): "hand-over", rl.steps: "end"}[step]
+        if step == 0:
+            return "the start (after SFT)"
+        if step == rl.steps:
+            return "end"
+        if step == handover(rl):
+            return "hand-over"
         return "routes shown" if step < handover(rl) else "alone"
 
     lines = ["", f"ReaLM's links, {args.splits[0]} ({LINKS_ARM}'s RL run; EAAI's signal reaches 0 at step {handover(rl)}), "
