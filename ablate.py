@@ -25,10 +25,11 @@ Choices that are ours:
    intervals come from a two-stage bootstrap (seeds, then problems within a seed; 1,000 draws,
    percentile interval), which counts both the spread of the distilled starts and the sampling of the
    problems; with one seed it is the problems' sampling alone.
-5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` distills
-   for QUICK_DISTILL_STEPS steps and gives every arm QUICK_RL_STEPS RL steps, so that it fits 15 minutes
-   on 2 CPU cores: a look at the pipeline and its table, from a start far weaker than the default's
-   (RESULTS.md). Ready runs start seed by seed and, within a seed, longest first (`order`): an ablation
+5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` gives every
+   arm QUICK_RL_STEPS RL steps, from the default start: out/distill where it holds the distillation the
+   ablation would run (the same seed and flags; `python train.py --stage rl` makes it), else the default
+   distillation run here. A shorter distillation would start the arms from a student that has not learned
+   the domain. Ready runs start seed by seed and, within a seed, longest first (`order`): an ablation
    stopped part-way holds whole seeds, and --resume runs the rest.
 6. The links of ReaLM's mechanism (not with --quick): the realm arm's RL run also evaluates on the first
    eval split every third of the steps up to the hand-over (the step EAAI's signal reaches 0), so from
@@ -67,7 +68,9 @@ ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" dist
 }
 DEFAULT_ARMS = ("distill", "rft", "grpo", "cot-synth", "mrpv", "eaai", "realm")  # the paper's comparisons (choice 1)
 QUICK_ARMS = ("distill", "grpo", "cot-synth", "realm")
-QUICK_DISTILL_STEPS = 300  # choice 5
+DEFAULT_START = Path("out/distill")  # what --quick reuses when it holds the seed's distillation (choice 5)
+NOT_TRAINING = ("stage", "out", "device", "eval_every", "eval_n", "eval_splits", "show", "resume", "save_every",
+                "max_bad_steps", "compile")  # a distillation's flags that do not change what it trains
 RL_STEPS = 60  # choice 1
 QUICK_RL_STEPS = 30  # choice 5
 LINKS_ARM = "realm"  # whose mechanism is measured link by link (choice 6)
@@ -86,9 +89,9 @@ def parser():
     ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
     ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed (unless --seeds), "
-                    f"a {QUICK_DISTILL_STEPS}-step distillation (unless --distill-steps), {QUICK_RL_STEPS} RL steps (unless --steps)")
-    ap.add_argument("--distill-steps", type=train.count, default=None,
-                    help=f"steps of each seed's distillation (default: train.py's, {train.STAGE_DEFAULTS['distill']['steps']}; --quick: {QUICK_DISTILL_STEPS})")
+                    f"{QUICK_RL_STEPS} RL steps (unless --steps), from {DEFAULT_START} where it holds the seed's distillation")
+    ap.add_argument("--distill-steps", type=train.count, default=train.STAGE_DEFAULTS["distill"]["steps"],
+                    help="steps of each seed's distillation (default: train.py's, %(default)s)")
     ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
     ap.add_argument("--eval-splits", default="test", help="the embedded splits every arm is evaluated on (default test; "
                     "of dev, test, hard: choose settings on dev, never on test)")
@@ -102,7 +105,6 @@ def get_args(argv):
     ap = parser()
     args, rest = ap.parse_known_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 5)
-    args.distill_steps = args.distill_steps or (QUICK_DISTILL_STEPS if args.quick else train.STAGE_DEFAULTS["distill"]["steps"])
     args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else DEFAULT_ARMS)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
@@ -115,6 +117,7 @@ def get_args(argv):
         raise D.DataError("--show: is for train.py --stage eval (the ablation's evaluations score every problem)")
     args.rl_steps = QUICK_RL_STEPS if args.quick else RL_STEPS  # unless rest has --steps
     rl = train.get_args(["--stage", "rl", "--steps", str(args.rl_steps), *rest])  # checks every passed-through flag
+    args.reused = {s: p for s in range(args.seed, args.seed + args.seeds) if (p := reused_start(args, rest, s))}
     return args, rest, rl
 
 
@@ -141,8 +144,20 @@ class Run(NamedTuple):
     cmds: list  # its train.py commands, run one after another
 
 
+def reused_start(args, rest, seed):
+    """--quick: DEFAULT_START when it holds the distillation this ablation would run for `seed` (the same flags but
+    for those that do not change what it trains), else None (choice 5)."""
+    state = DEFAULT_START / "trainer_state.pt"
+    if not args.quick or not (DEFAULT_START / "config.json").is_file() or not state.is_file():
+        return None
+    saved = torch.load(state, map_location="cpu", weights_only=False).get("args", {})
+    wanted = vars(train.get_args(["--stage", "distill", *distill_flags(rest), "--steps", str(args.distill_steps), "--seed", str(seed)]))
+    same = all(saved.get(k) == v for k, v in wanted.items() if k not in NOT_TRAINING)
+    return DEFAULT_START if same and saved.get("stage") == "distill" else None
+
+
 def runs_of(args, rest, rl, out: Path):
-    """Each seed's distillation(s), then each arm: rl from that start, then eval."""
+    """Each seed's distillation(s) (or --quick's reused start), then each arm: rl from that start, then eval."""
     py = [sys.executable, str(Path(train.__file__).resolve())]
     distill_cmd = [*py, "--stage", "distill", *distill_flags(rest), "--eval-n", "0", "--steps", str(args.distill_steps)]
     rl_cmd = [*py, "--stage", "rl", "--steps", str(args.rl_steps), *rest, "--eval-n", "0", "--save-every", "0"]
@@ -151,7 +166,12 @@ def runs_of(args, rest, rl, out: Path):
     runs = []
     for s in seeds:
         start = {"guided": out / f"seed{s}" / "distill", "unguided": out / f"seed{s}" / "distill-unguided"}
+        reused = args.reused.get(s)
+        if reused:
+            start["guided"] = reused
         for kind, folder in start.items():
+            if kind == "guided" and reused:
+                continue  # made before: the arms start at once
             if any(ARMS[a][1] == kind for a in args.arms):
                 unguided = ["--unguided"] if kind == "unguided" else []
                 runs.append(Run((kind, s), None, folder, [[*distill_cmd, "--seed", str(s), "--out", str(folder), *unguided]]))
@@ -162,7 +182,8 @@ def runs_of(args, rest, rl, out: Path):
             measure = link_flags(args, rl) if a == LINKS_ARM else []
             cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *measure]]
             cmds.append([*eval_cmd, "--init", str(start[kind] if arm_flags is None else folder), "--out", str(folder)])
-            runs.append(Run((a, s), kind and (kind, s), folder, cmds))
+            needs = None if kind is None or (kind == "guided" and reused) else (kind, s)
+            runs.append(Run((a, s), needs, folder, cmds))
     return runs
 
 
@@ -244,7 +265,8 @@ def run_ablation(argv):
     pending = [r for r in runs_of(args, rest, rl, out) if r.key not in finished]
     print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
           f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
-          f"({args.distill_steps} steps); eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
+          f"({args.distill_steps} steps{'; ' + ', '.join(f'seed {s}: {p}/, made before' for s, p in args.reused.items()) if args.reused else ''}); "
+          f"eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
           f"writing {out}/ (each run's output in its .log)", flush=True)
     cores, failed, t0 = os.cpu_count() or 1, [], time.time()
     bar = tqdm(total=len(pending), desc="ablate", dynamic_ncols=True)
@@ -291,7 +313,7 @@ def record(out: Path, r: Run, seconds, threads):
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
                       **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
-                      **{k: v for k, v in row.items() if k.endswith(PARTS) or k.startswith("n_") or k == "route_only"},  # the parts
+                      **{k: v for k, v in row.items() if k.endswith(PARTS) or k.startswith(("n_", "rule_prior")) or k == "route_only"},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])
@@ -383,7 +405,7 @@ def write_table(out: Path, args, rl, command):
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
              f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
-             f"{mean_or_dash(minutes('guided'))} min a seed) except where its row says otherwise, and gets the same "
+             f"{mean_or_dash(minutes('guided'))} min a seed{reused_text(args)}) except where its row says otherwise, and gets the same "
              f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
              f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
              f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
@@ -393,6 +415,7 @@ def write_table(out: Path, args, rl, command):
              f"and their summed learning rate.",
              f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
              f"{sum(r['minutes'] for r in runs):.0f} min."]
+    lines += start_lines(res, args, splits[0])
     for sp in splits:
         here = [r for r in rows if r["split"] == sp]
         parts, n = parts_of(here), "/".join(map(str, sorted({r["n"] for r in here})))
@@ -433,6 +456,26 @@ def write_table(out: Path, args, rl, command):
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return paper
+
+
+def reused_text(args):
+    return "".join(f"; seed {s}: {p}/, made before the ablation and reused" for s, p in args.reused.items())
+
+
+START = (("acc_autonomous_taught", "taught alone"), ("verdict_acc_taught", "taught verdicts"),
+         ("acc_autonomous_route_only", "route-only alone"), ("acc_with_routes_route_only", "route-only with routes"),
+         ("rule_prior", "R5 in its own samples"))
+
+
+def start_lines(res, args, split):
+    """The distilled start of each seed first: what every arm starts from (has it learned the domain, does it read routes)."""
+    got = [(s, res[key]) for s in range(args.seed, args.seed + args.seeds) if (key := ("distill", s, split)) in res]
+    if not got:
+        return []
+    cell = lambda r, k: "-" if r.get(k) is None else f"{100 * r[k]:.1f}"
+    return ["", f"The start of each seed ({split}, %; R5 in its own samples: the share of its sampled delivery lines, alone, "
+                f"that apply the route-only rule):", "", "| seed | " + " | ".join(n for _, n in START) + " |",
+            "|---|" + "---|" * len(START)] + [f"| {s} | " + " | ".join(cell(r, k) for k, _ in START) + " |" for s, r in got]
 
 
 LINKS = (("acc_with_routes_route_only", "route-only with routes"), ("verdict_acc_route_only", "verdicts route-only"),

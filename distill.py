@@ -8,9 +8,9 @@ checkpoint that load_model accepts, sampled with rollout.generate:
 
     python distill.py --teacher DIR --data train.jsonl --out routes.jsonl
 
-SFT examples: the autonomous prompt -> a positive route; and, for a share of each batch once the
-student has learned to solve alone (train.py, choice 2), an MRPV prompt showing routes from the bank
--> the teacher's MRPV response (its own route and the verdicts, in the order of mrpv.Layout).
+SFT examples: the autonomous prompt -> a positive route; and, for a share of each batch (train.py,
+choice 2), an MRPV prompt showing routes from the bank -> the teacher's MRPV response (its own route and
+the verdicts, in the order of mrpv.Layout).
 
 Choices that are ours:
 1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route
@@ -20,24 +20,28 @@ Choices that are ours:
    question alone when not; its routes are whatever it writes up to its end token.
 3. The SFT loss is the mean cross-entropy over all response tokens of the batch (a token mean, so
    long responses weigh more than short ones); prompt and padding tokens carry no loss.
-4. Verdict drills (verdict_drills; train.py --drills, 32 per batch by default): short examples of the
-   restated verdict lines alone (mrpv.py choice 8), route headers and an own answer in the prompt, added
-   to every SFT batch from the first step. They teach the comparison ("8 < 13 -> wrong") on examples
-   that cost a tenth of an MRPV example; alone they did not teach verdicts in MRPV responses, beside
-   MRPV examples they made the lookup come within 600 steps (RESULTS.md, "Routes that carry a rule the
-   start lacks"). A drill names no step: the token after "wrong" carries no loss.
-5. Reading drills (reading_set; train.py --reading, a share of the MRPV examples): problems that deliver
-   to the asked item, in worlds where a delivery adds 1 to 6 units (READING_AMOUNTS), drawn afresh per
-   problem, and routes written in that world. Nothing but the routes says what a delivery adds there, so
-   the answer needs the routes read. R5's own 3 is one of the six: without it the student learned the
-   other five as a prior and never read a 3 off a route (dev route-only with routes 11 % against 72 %
-   with it; RESULTS.md, "Routes that carry a rule the start lacks"). So the distillation applies R5
-   rarely (in a sixth of the reading drills, where the routes state it) and never on its taught problems;
-   alone, the start still guesses what a delivery adds (route-only 11 % alone).
+4. Verdict drills (verdict_drills; train.py --drills per batch): short examples of the restated verdict
+   lines alone (mrpv.py choice 8), route headers and an own answer in the prompt, added to every SFT batch
+   from the first step. They teach the comparison ("8 < 13 -> wrong") on examples that cost a tenth of an
+   MRPV example; alone they do not teach verdicts in MRPV responses, beside MRPV examples they make the
+   lookup of a route's result by its label come sooner (RESULTS.md, "Routes that carry a rule the start
+   lacks", and "A start that has learned"). A drill names no step: the token after "wrong" carries no loss.
+5. Reading drills (reading_set; train.py --reading, a share of the MRPV examples): problems whose answer
+   needs the routes read, because an event to the asked item adds what only the routes say, in a world
+   drawn afresh per problem. A tiny student copies an amount off a route only where it has copied that
+   same amount before (the copy is learned value by value), so a drill of the route-only rule's own event
+   that never adds R5's amount cannot teach R5 to be read. The drills are therefore of two kinds: half
+   deliver (train.py --order-drills), adding one of domain.DELIVER_AMOUNTS (4 to 12, never R5's 1), half
+   order, an event kind of the drills alone, adding one of domain.ORDER_AMOUNTS (1 to 12, R5's among
+   them); the copy learned on orders carries over to deliveries. So no drill writes R5 where it applies,
+   but the student learns to copy R5's amount, and some of it leaks into what it writes for a delivery on
+   its own (train.py measures it: rule_prior on every evaluation line). --rule-drills puts R5's own world
+   in a share of the delivery drills. RESULTS.md, "A start that has learned", has what each variant did.
 """
 
 import argparse
 import random
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -51,23 +55,22 @@ from rollout import generate
 
 # ---- the route bank ----
 
-def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False,
-                  rules: D.Rules = D.EXPERT) -> list[D.Route]:
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False) -> list[D.Route]:
     """Routes of the embedded teacher for one problem: R positives (copies, choice 1; diverse: each sum
     written in either order, so right routes differ where the problem has sums) and R negatives, right and
-    wrong as `rules` say. Unguided, the one route the rule-less teacher writes, labelled by its answer."""
+    wrong as the problem's world says. Unguided, the one route the rule-less teacher writes, labelled by its answer."""
     if not guided:
         return [D.teacher_route(problem, guided=False)]
     negatives = []
     for _ in range(10 * R):
-        neg = D.negative_route(problem, rng, rules)
+        neg = D.negative_route(problem, rng)
         if neg.text not in {r.text for r in negatives}:
             negatives.append(neg)
         if len(negatives) == R:
             break
     if diverse:
-        return [D.teacher_route(problem, variants=rng, rules=rules) for _ in range(R)] + negatives
-    return [D.teacher_route(problem, rules=rules)] * R + negatives
+        return [D.teacher_route(problem, variants=rng) for _ in range(R)] + negatives
+    return [D.teacher_route(problem)] * R + negatives
 
 
 def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True, diverse: bool = False,
@@ -78,19 +81,22 @@ def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, 
     return problems, [embedded_bank(p, R, rng, guided, diverse) for p in problems]
 
 
-READING_AMOUNTS = (1, 2, 3, 4, 5, 6)  # what a delivery adds in a reading drill, one world per problem (choice 5)
-
-
-def reading_set(n: int, R: int, seed: int = 0):
-    """n reading drills (choice 5): ledgers that deliver to the asked item, each under rules where a delivery
-    adds an amount drawn from READING_AMOUNTS, with that world's answer and route bank."""
+def reading_set(n: int, R: int, seed: int = 0, route_rule: str = "deliver", rule_share: float = 0.0, order_share: float = 0.0):
+    """n reading drills (choice 5): ledgers that deliver to the asked item, each in a world whose amount only its routes
+    tell. With probability order_share an order drill: the deliveries become orders, adding an amount drawn from
+    domain.ORDER_AMOUNTS; else a delivery drill: route_rule's own amount with probability rule_share, else one of
+    domain.DELIVER_AMOUNTS (never route_rule's). With that world's answer and route bank."""
     rng = random.Random(f"reading-{seed}")
-    ledgers = [p.ledger for p in D.split("reading", 2 * n, seed) if D.route_only(p)][:n]
+    rule = D.expert(route_rule).deliver
+    others = [x for x in D.DELIVER_AMOUNTS if x != rule]
     problems, banks = [], []
-    for ledger in ledgers:
-        rules = D.Rules(deliver=rng.choice(READING_AMOUNTS))
-        problems.append(D.problem_of(ledger, "deliver", rules))
-        banks.append(embedded_bank(problems[-1], R, rng, rules=rules))
+    for stock, events, asked in [p.ledger for p in D.split("reading", 2 * n, seed, route_rule) if D.route_only(p)][:n]:
+        if rng.random() < order_share:
+            events, world = [("order" if k == "deliver" else k, x, m) for k, x, m in events], replace(D.EXPERT, order=rng.choice(D.ORDER_AMOUNTS))
+        else:
+            world = replace(D.EXPERT, deliver=rule if rng.random() < rule_share else rng.choice(others))
+        problems.append(D.problem_of((stock, events, asked), route_rule, world))
+        banks.append(embedded_bank(problems[-1], R, rng))
     return problems, banks
 
 

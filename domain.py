@@ -11,9 +11,9 @@ The embedded domain is a stock ledger whose answer depends on rules the question
     sell A 2 : other -> B = 5                  <- another item: the asked count is restated
     Answer : 5
 
-By default a fifth rule, R5 (a delivery adds 3 units), is one that only the teacher's routes carry: the
-distillation's problems never deliver to the asked item, while half of the problems of RL, dev, test and
-hard do ("route-only" problems; the others are "taught"). The distilled student is then right on what it
+By default a fifth rule, R5 (a delivery adds 1 unit), is one that only the teacher's routes carry: the
+distillation never applies it, while half of the problems of RL, dev, test and hard deliver to the asked
+item ("route-only" problems; the others are "taught"). The distilled student is then right on what it
 was taught and wrong on deliveries for a reason, and the routes hold what it lacks (choice 5).
 
 A teacher that is told the rules (EXPERT) writes such routes; one that is not (GUESSED) assumes
@@ -33,12 +33,15 @@ Choices that are ours (the paper uses real vertical domains; this one stands in 
    by one token's match (in a probe, labels that were distinct tokens made a tiny student learn that
    lookup sooner: RESULTS.md, "Routes that carry a rule the start lacks").
 5. Route-only knowledge (ROUTE_RULES): the paper's routes come from a stronger teacher and hold what the
-   small model does not know; here that is R5, a rule of a sixth event kind (deliver) that the
-   distillation's problems never apply (deliveries to other items are in them, so the word is known and
-   such lines read "other"; its reading drills apply R5 rarely, and only where routes state it:
-   distill.py choice 5). Dev, test, hard and the RL problems are half taught, half route-only
-   (ROUTE_ONLY_SHARE), each half with every answer equally often. `route_rule="none"` is the domain as it
-   was before: four rules, five event kinds, every problem taught.
+   small model does not know; here that is R5, a rule of a sixth event kind (deliver) that the distillation
+   never writes where it applies: its problems never deliver to the asked item (deliveries to other items are
+   in them, so the word is known and such lines read "other"), and its reading drills deliver in worlds that
+   add one of DELIVER_AMOUNTS (4 to 12), never R5's 1, or order (an event kind of the drills alone, adding
+   one of ORDER_AMOUNTS: distill.py choice 5). R5 adds 1, away from what a student guesses for a delivery on
+   its own (what restock and its drills add); rule_prior measures how often its own samples apply R5 anyway.
+   `deliver3` (R5 adds 3, among the amounts a student guesses) and `none` (four rules, five event kinds,
+   every problem taught) are the other rules. Dev, test, hard and the RL problems are half taught, half
+   route-only (ROUTE_ONLY_SHARE), each half with every answer equally often.
 """
 
 import argparse
@@ -46,7 +49,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -73,6 +76,7 @@ class Problem:
     rules: str | None = None  # the expert knowledge, for the teacher only
     routes: list[Route] = field(default_factory=list)  # from a JSONL file; empty for the embedded domain
     ledger: tuple | None = None  # embedded domain: (stock dict, events, asked item), for its teachers
+    world: "Rules | None" = None  # embedded domain: the rules its answer follows (the expert ones but for reading drills)
 
 
 # ---- the embedded domain: a stock ledger under hidden rules ----
@@ -81,11 +85,12 @@ ITEMS = "ABCD"
 MAX_ANSWER = 20  # answers are 0..20
 RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
          "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
-RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher with route_rule "deliver" (choice 5): Rules.deliver
-ROUTE_RULES = ("deliver", "none")  # the rule only routes carry: R5 on deliveries, or none (the four-rule domain)
-KINDS = {"none": ("sell", "sell", "restock", "return", "spoil"),  # event kinds, drawn uniformly from the tuple
-         "deliver": ("sell", "sell", "restock", "return", "spoil", "deliver")}
-ROUTE_ONLY_SHARE = 0.5  # of every split's problems with route_rule "deliver" (train: RL's half; the distillation keeps the taught half)
+RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher where a rule only routes carry (choice 5): Rules.deliver
+ROUTE_RULES = {"deliver": 1, "deliver3": 3, "none": None}  # the rule only routes carry: what a delivery adds (R5), or none
+DELIVER_AMOUNTS = tuple(range(4, 13))  # what a delivery adds in the worlds of reading drills and in wrong routes (choice 5)
+ORDER_AMOUNTS = tuple(range(1, 13))  # what an order adds in the worlds of the reading drills that order (choice 5)
+KINDS = ("sell", "sell", "restock", "return", "spoil")  # event kinds, drawn uniformly; + "deliver" with a route-only rule
+ROUTE_ONLY_SHARE = 0.5  # of every split's problems with a route rule (train: RL's half; the distillation keeps the taught half)
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,18 @@ class Rules:
     oversell: str = "nothing"  # R2: "nothing" sells nothing; "all" empties the shelf
     spoil: str = "half"  # R3: "half" rounds down; "minus1" removes one unit
     cap: int | None = 20  # R4
-    deliver: int = 3  # R5, the route-only rule (choice 5)
+    deliver: int = 3  # R5, the route-only rule (choice 5; EXPERT: the default route rule's amount)
+    order: int = 0  # an order: an event kind of reading drills alone, adding what their world says (choice 5)
 
 
-EXPERT = Rules()
+EXPERT = Rules(deliver=ROUTE_RULES["deliver"])
+
+
+def expert(route_rule: str) -> Rules:
+    """The domain's rules with `route_rule`'s R5 (choice 5): what the guided teacher is told and applies."""
+    if route_rule not in ROUTE_RULES:
+        raise DataError(f"unknown route rule {route_rule!r} (rules: {', '.join(ROUTE_RULES)})")
+    return replace(EXPERT, deliver=ROUTE_RULES[route_rule] or EXPERT.deliver)
 GUESSED = Rules(restock=10, oversell="all", spoil="minus1", cap=None, deliver=10)
 
 
@@ -119,7 +132,7 @@ SPLITS = {"train": Difficulty(), "dev": Difficulty(), "test": Difficulty(),
 EVAL_SIZES = {"dev": 500, "test": 1000, "hard": 1000}  # evaluated a split: one standard error <= 2.2 points on dev, 1.6 on the others
 WORDS = ([str(i) for i in range(100)] + list(ITEMS) +
          "Stock : = , . Events ; How many ? sell restock return spoil other -> + - / > no sale all sold "
-         "Answer Route sound wrong at step deliver <".split())
+         "Answer Route sound wrong at step deliver order <".split())
 
 
 PHRASES = [f"Route {k} :" for k in range(1, 10)]  # a route's label is one token (choice 4)
@@ -144,7 +157,7 @@ def apply(rules: Rules, event, v):
         return f"{v} - {n} = {v - n}", v - n
     if kind == "spoil":
         return (f"{v} / 2 = {v // 2}", v // 2) if rules.spoil == "half" else (f"{v} - 1 = {max(v - 1, 0)}", max(v - 1, 0))
-    add = rules.restock if kind == "restock" else rules.deliver if kind == "deliver" else n
+    add = {"restock": rules.restock, "deliver": rules.deliver, "order": rules.order}.get(kind, n)
     if rules.cap is not None and v + add > rules.cap:
         return f"{v} + {add} = {v + add} > {rules.cap}", rules.cap
     return f"{v} + {add} = {v + add}", v + add
@@ -170,7 +183,7 @@ def write_route(ledger, rules: Rules = EXPERT, slip=None, variants: random.Rando
     return "\n".join(lines + [f"Answer : {v}"]), v
 
 
-def random_ledger(rng: random.Random, d: Difficulty, kinds=KINDS["none"]):
+def random_ledger(rng: random.Random, d: Difficulty, kinds=KINDS):
     items = ITEMS[:d.items]
     stock = {x: rng.randint(0, d.max_stock) for x in items}
     asked = rng.choice(items)
@@ -184,9 +197,43 @@ def random_ledger(rng: random.Random, d: Difficulty, kinds=KINDS["none"]):
 
 
 def delivers_to_asked(ledger) -> bool:
-    """Whether a ledger applies R5, the route-only rule: a delivery to the asked item (choice 5)."""
+    """Whether a ledger applies what only routes tell: R5, a delivery to the asked item (choice 5), or, in a
+    reading drill, an order to it."""
     _, events, asked = ledger
-    return any(kind == "deliver" and item == asked for kind, item, _ in events)
+    return any(kind in ("deliver", "order") and item == asked for kind, item, _ in events)
+
+
+DELIVERY_SUM = re.compile(r"^deliver ([A-D]) : \d+ \+ (\d+) =", re.M)
+CHAIN_LINE = re.compile(r"^(\w+) ([A-D])\b.* -> ([A-D]) = (\d+)$")
+
+
+def delivery_counts(text: str, ledger) -> list[tuple[int, int]]:
+    """(count before, count after) of each line of a chain for `ledger` that delivers to the asked item, as the chain
+    itself has them: before is the count its previous line reached (the stock for the first), whatever the working."""
+    stock, _, asked = ledger
+    count, out = stock[asked], []
+    for line in text.split("\n"):
+        m = CHAIN_LINE.match(line.strip())
+        if m and m.group(3) == asked:
+            if m.group(1) == "deliver" and m.group(2) == asked:
+                out.append((count, int(m.group(4))))
+            count = int(m.group(4))
+    return out
+
+
+def rule_prior(samples) -> tuple[float | None, int]:
+    """[(problem, a chain written for it)] -> (the share of their delivery lines to the asked item whose count is
+    what the problem's R5 gives, or None without such lines; the number of lines): how often a student applies the
+    route-only rule on its own. Judged by the count, not by the amount written ("4 + 6 = 5" applies R5 = 1)."""
+    lines = [after == apply(p.world, ("deliver", p.ledger[2], 0), before)[1]
+             for p, text in samples for before, after in delivery_counts(text, p.ledger)]
+    return (sum(lines) / len(lines) if lines else None), len(lines)
+
+
+def delivery_amounts(text: str, asked: str) -> list[int]:
+    """What each line of a chain that delivers to the asked item adds ("deliver C : 4 + 1 = 5 ..." -> 1):
+    the lines where R5 applies, and what the writer made of it."""
+    return [int(k) for item, k in DELIVERY_SUM.findall(text) if item == asked]
 
 
 def route_only(problem: Problem) -> bool | None:
@@ -194,14 +241,15 @@ def route_only(problem: Problem) -> bool | None:
     return None if problem.ledger is None else delivers_to_asked(problem.ledger)
 
 
-def problem_of(ledger, route_rule: str = "none", rules: Rules = EXPERT) -> Problem:
-    """The question a ledger asks, its answer under `rules` (the expert ones but for reading drills,
-    distill.reading_set), and the rules a teacher is told (R5 with the world's amount)."""
+def problem_of(ledger, route_rule: str = "none", rules: Rules | None = None) -> Problem:
+    """The question a ledger asks, its answer under `rules` (default: route_rule's expert ones; a reading
+    drill's world, distill.reading_set), and the rules a teacher is told (R5 with the world's amount)."""
+    rules = rules or expert(route_rule)
     stock, events, asked = ledger
     question = (f"Stock : {' , '.join(f'{x} = {n}' for x, n in stock.items())} . "
                 f"Events : {' ; '.join(event_text(e) for e in events)} . How many {asked} ?")
-    told = RULES + (RULE_R5.format(rules.deliver) if route_rule == "deliver" else "")
-    return Problem(question, str(write_route(ledger, rules)[1]), told, [], ledger)
+    told = RULES + (RULE_R5.format(rules.deliver) if route_rule != "none" else "")
+    return Problem(question, str(write_route(ledger, rules)[1]), told, [], ledger, rules)
 
 
 def make_problem(rng: random.Random, d: Difficulty = Difficulty(), target: int | None = None) -> Problem:
@@ -226,13 +274,12 @@ def eval_splits(text: str) -> list[str]:
 
 def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list[Problem]:
     """n problems of a split, every answer 0..MAX_ANSWER equally often (so no constant guess beats
-    1/21 by more than one problem); with route_rule "deliver", ROUTE_ONLY_SHARE of them route-only, each
+    1/21 by more than one problem); with a route rule (not "none"), ROUTE_ONLY_SHARE of them route-only, each
     half answer-balanced on its own (choice 5). Each split draws from its own seed stream, so splits are
     disjoint (up to chance collisions, which the tests measure as none at these sizes)."""
     if name not in SPLITS:
         raise DataError(f"unknown split {name!r} (splits: {', '.join(SPLITS)})")
-    if route_rule not in ROUTE_RULES:
-        raise DataError(f"unknown route rule {route_rule!r} (rules: {', '.join(ROUTE_RULES)})")
+    rules = expert(route_rule)
     if route_rule == "none":  # the four-rule domain, drawn exactly as before
         rng = random.Random(f"ledger-{name}-{seed}")
         targets = [i % (MAX_ANSWER + 1) for i in range(n)]
@@ -245,22 +292,21 @@ def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list
     free = Counter([(i % (MAX_ANSWER + 1), False) for i in range(n - n_route)] + [(i % (MAX_ANSWER + 1), True) for i in range(n_route)])
     problems = []
     while len(problems) < n:
-        ledger = random_ledger(rng, SPLITS[name], KINDS[route_rule])
-        kind = (write_route(ledger)[1], delivers_to_asked(ledger))
+        ledger = random_ledger(rng, SPLITS[name], KINDS + ("deliver",))
+        kind = (write_route(ledger, rules)[1], delivers_to_asked(ledger))
         if free[kind]:
             free[kind] -= 1
-            problems.append(problem_of(ledger, route_rule))
+            problems.append(problem_of(ledger, route_rule, rules))
     rng.shuffle(problems)
     return problems
 
 
 # ---- teachers ----
 
-def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None, rules: Rules = EXPERT) -> Route:
-    """The programmatic teacher: told the rules (guided; `rules`, the expert ones but for reading drills)
-    it is always right; without them it applies GUESSED, right only where no rule it guesses wrong comes
-    into play. variants: see write_route."""
-    text, answer = write_route(problem.ledger, rules if guided else GUESSED, variants=variants)
+def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None) -> Route:
+    """The programmatic teacher: told the rules of the problem's world (guided) it is always right; without
+    them it applies GUESSED, right only where no rule it guesses wrong comes into play. variants: see write_route."""
+    text, answer = write_route(problem.ledger, problem.world if guided else GUESSED, variants=variants)
     return Route(text, check(str(answer), problem.answer))
 
 
@@ -276,10 +322,12 @@ def mistake(event, v, rng: random.Random, rules: Rules = EXPERT):
     if kind == "spoil":
         wrong_rules.append(Rules(spoil="minus1"))  # R3 misapplied
     if kind == "deliver":
-        wrong_rules.append(Rules(deliver=rng.choice([x for x in (1, 2, 4, 5) if x != rules.deliver])))  # R5 misapplied
-    added = {"restock": EXPERT.restock, "deliver": rules.deliver, "return": n}.get(kind)
+        wrong_rules.append(Rules(deliver=rng.choice([x for x in DELIVER_AMOUNTS if x != rules.deliver])))  # R5 misapplied
+    if kind == "order":
+        wrong_rules.append(Rules(order=rng.choice([x for x in ORDER_AMOUNTS if x != rules.order])))  # the order's amount misread
+    added = {"restock": EXPERT.restock, "deliver": rules.deliver, "order": rules.order, "return": n}.get(kind)
     if added is not None and v + added > EXPERT.cap:
-        wrong_rules.append(Rules(cap=None, deliver=rules.deliver))  # R4 forgotten
+        wrong_rules.append(replace(rules, cap=None))  # R4 forgotten
     if wrong_rules and rng.random() < 0.75:
         return apply(rng.choice(wrong_rules), event, v)
     work, right = apply(rules, event, v)
@@ -287,10 +335,10 @@ def mistake(event, v, rng: random.Random, rules: Rules = EXPERT):
     return re.sub(r"= \d+$", f"= {w}", work), w  # the working's result is off (or only the restated count)
 
 
-def negative_route(problem: Problem, rng: random.Random, rules: Rules = EXPERT) -> Route:
+def negative_route(problem: Problem, rng: random.Random) -> Route:
     """A plausible wrong route: one decisive mistake at one step, then consistent to a wrong answer
-    (right and wrong as `rules` say: the expert ones but for reading drills)."""
-    stock, events, asked = problem.ledger
+    (right and wrong as the problem's world says)."""
+    rules, (stock, events, asked) = problem.world, problem.ledger
     counts = [stock[asked]]  # the true count before each step, and after the last
     for e in events:
         counts.append(apply(rules, e, counts[-1])[1] if e[1] == asked else counts[-1])

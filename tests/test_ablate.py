@@ -128,16 +128,42 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
     assert str(tmp_path / "c" / "seed0" / "distill.log") in msg and not (tmp_path / "c" / "results.jsonl").exists()
 
 
-def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path):
+def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "DEFAULT_START", tmp_path / "no-start")  # no distillation made before: it runs here
     args, rest, rl = ablate.get_args(["--quick"])
-    assert (args.seeds, args.arms, args.splits) == (1, list(ablate.QUICK_ARMS), ["test"])
+    assert (args.seeds, args.arms, args.splits, args.reused) == (1, list(ablate.QUICK_ARMS), ["test"], {})
     assert ablate.get_args([])[0].splits == ["test"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
-    assert (args.distill_steps, ablate.get_args([])[0].distill_steps) == (ablate.QUICK_DISTILL_STEPS, train.STAGE_DEFAULTS["distill"]["steps"])
+    assert args.distill_steps == ablate.get_args([])[0].distill_steps == train.STAGE_DEFAULTS["distill"]["steps"]
     assert (rl.steps, ablate.get_args([])[2].steps, ablate.get_args(["--quick", "--steps", "9"])[2].steps) == (ablate.QUICK_RL_STEPS, 60, 9)
     assert ablate.get_args([])[0].arms == list(ablate.DEFAULT_ARMS) and ablate.get_args([])[0].seeds == 5
     runs = ablate.runs_of(args, rest, rl, tmp_path)
     assert [r.key[0] for r in sorted(runs, key=ablate.order)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
     assert not any("--eval-every" in c for r in runs for c in r.cmds[0])  # no link evaluations in the quick ablation
+
+
+def test_quick_reuses_the_default_start_only_when_it_is_the_same_distillation(tmp_path, monkeypatch):
+    """--quick starts from out/distill when it holds the distillation the ablation would run (same seed, same flags but
+    for those that do not change what it trains): no distillation runs, every arm starts from it at once."""
+    start = tmp_path / "distill"
+    monkeypatch.setattr(ablate, "DEFAULT_START", start)
+    start.mkdir()
+    (start / "config.json").write_text("{}")
+
+    def made_by(*argv):
+        import torch
+        torch.save({"stage": "distill", "args": vars(train.get_args(["--stage", "distill", *argv]))}, start / "trainer_state.pt")
+        return ablate.get_args(["--quick"])
+
+    args, rest, rl = made_by("--device", "cpu", "--eval-every", "100")  # what train.py --stage rl runs first, and a look
+    assert args.reused == {0: start}
+    runs = ablate.runs_of(args, rest, rl, tmp_path / "ab")
+    assert [r.key for r in runs] == [(a, 0) for a in ablate.QUICK_ARMS] and all(r.needs is None for r in runs)
+    assert all(f"--init {start}" in " ".join(r.cmds[0]) for r in runs)  # distill: its eval; the others: rl from it
+    assert made_by("--seed", "1")[0].reused == {}  # another seed
+    assert made_by("--steps", "100")[0].reused == {}  # another recipe
+    made_by()
+    assert ablate.get_args(["--quick", "--K", "2"])[0].reused == {} and ablate.get_args(["--quick", "--lr", "1e-4"])[0].reused == {0: start}
+    assert ablate.get_args([])[0].reused == {}  # the full ablation distils every seed itself
 
 
 def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):

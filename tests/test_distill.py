@@ -175,7 +175,7 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
     assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
     bank = D.load_jsonl(out / "routes.jsonl")  # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
-    assert len(bank) == 200 and sum("deliver" in p.routes[0].text and p.routes[0].text.count(" + 3 = ") > 0 for p in bank) >= 90
+    assert len(bank) == 200 and sum("deliver" in p.routes[0].text and p.routes[0].text.count(f" + {D.ROUTE_RULES['deliver']} = ") > 0 for p in bank) >= 90
     assert all(r.get("n_taught", 0) + r.get("n_route_only", 0) == 21 for r in evals)
 
     train.main(["--stage", "eval", "--init", str(out), "--eval-n", "21", "--max-new-tokens", "40"])
@@ -282,7 +282,11 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
         return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}" for p, r in zip(ps, routes)]
 
     monkeypatch.setattr(train, "completions", completions)
+    alone = lambda model, tok, ps, n: [(p, D.teacher_route(p).text) for p in ps] + [(p, "garbage") for p in ps]
+    monkeypatch.setattr(train, "prior_samples", alone)  # each route-only problem: its right route, and garbage
     acc = train.evaluate(None, None, problems, banks, args)
+    deliveries = sum(len(D.delivery_counts(D.teacher_route(p).text, p.ledger)) for p in problems if D.route_only(p))
+    assert (acc["rule_prior"], acc["rule_prior_lines"]) == (1.0, deliveries)
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]
     sound = sum(r.correct for rs in shown for r in rs) / sum(len(rs) for rs in shown)
     # one Python division of the same integer counts: identical; rel 1e-12 only allows float64 rounding
@@ -302,15 +306,22 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
 
 
 def test_reading_drills_deliver_in_worlds_only_their_routes_tell():
-    problems, banks = distill.reading_set(60, 3, seed=0)
-    amounts = set()
-    for p, bank in zip(problems, banks):
-        assert D.route_only(p) and len(bank) == 6
-        pos, negs = bank[0], bank[3:]
-        assert pos.correct and D.extract_answer(pos.text) == p.answer
-        assert all(not n.correct and n.first_wrong and D.extract_answer(n.text) != p.answer for n in negs)
-        asked = p.ledger[2]
-        found = {int(m) for m in re.findall(rf"^deliver {asked} : \d+ \+ (\d+) =", pos.text, re.M)}
-        assert len(found) == 1 and found <= set(distill.READING_AMOUNTS)  # one world per problem
-        amounts |= found
-    assert amounts == set(distill.READING_AMOUNTS)
+    """Each reading drill delivers to the asked item in a world of its own, whose amount only its routes tell; at
+    rule share 0 no drill, and no route of one, right or wrong, ever adds what R5 adds: the distillation never
+    writes the route-only rule, so the student can produce it only by reading a route."""
+    r5 = D.ROUTE_RULES["deliver"]
+    for share, want in ((0.0, set(D.DELIVER_AMOUNTS) - {r5}), (1.0, {r5}), (0.5, set(D.DELIVER_AMOUNTS) | {r5})):
+        problems, banks = distill.reading_set(300, 3, seed=0, rule_share=share)
+        worlds, written = set(), set()
+        for p, bank in zip(problems, banks):
+            assert D.route_only(p) and len(bank) == 6
+            pos, negs = bank[0], bank[3:]
+            assert pos.correct and D.extract_answer(pos.text) == p.answer and p.rules.endswith(D.RULE_R5.format(p.world.deliver))
+            assert all(not n.correct and n.first_wrong and D.extract_answer(n.text) != p.answer for n in negs)
+            found = set(D.delivery_amounts(pos.text, p.ledger[2]))
+            assert found == {p.world.deliver}  # one world per problem
+            worlds |= found
+            written |= {k for r in bank for k in D.delivery_amounts(r.text, p.ledger[2])}
+        assert worlds == want
+        if share == 0.0:
+            assert r5 not in written

@@ -28,13 +28,14 @@ def test_problem_shape_difficulty_and_guessing():
         counts[p.answer] = counts.get(p.answer, 0) + 1
     assert set(counts) == {str(i) for i in range(21)}
     assert max(counts.values()) / len(train) <= 0.05  # no constant guess scores above 5 %
-    assert all(p.rules == D.RULES + D.RULE_R5.format(3) and p.rules not in p.question for p in train[:10])
+    assert all(p.rules == D.RULES + D.RULE_R5.format(D.ROUTE_RULES["deliver"]) and p.rules not in p.question for p in train[:10])
     assert all(p.rules == D.RULES for p in D.split("train", 10, route_rule="none"))  # the four-rule domain: R5 untold
 
 
 def test_route_only_half_of_every_split_and_what_it_means():
     """route_rule "deliver" (the default): a problem is route-only exactly when it delivers to the asked item; half of
-    each split is, each half answer-balanced; R5 (+3) is applied there, deliveries elsewhere read "other"."""
+    each split is, each half answer-balanced; R5 is applied there, deliveries elsewhere read "other"."""
+    r5 = D.ROUTE_RULES["deliver"]
     for name, n in (("train", 420), ("dev", 210), ("hard", 84)):
         problems = D.split(name, n)
         route_only = [p for p in problems if D.route_only(p)]
@@ -55,7 +56,7 @@ def test_route_only_half_of_every_split_and_what_it_means():
                 assert " : other -> " in lines[i]
             else:
                 before = int(lines[i - 1].rsplit(" ", 1)[1]) if i else stock[asked]
-                assert lines[i] == f"deliver {asked} : {before} + 3 = {before + 3} -> {asked} = {before + 3}" or "> 20" in lines[i]
+                assert lines[i] == f"deliver {asked} : {before} + {r5} = {before + r5} -> {asked} = {before + r5}" or "> 20" in lines[i]
     assert any(D.route_only(p) and not D.teacher_route(p, guided=False).correct for p in problems)  # R5 is what a guess misses
     assert D.route_only(D.Problem("q", "1")) is None  # a JSONL problem has no ledger, so no part
 
@@ -71,6 +72,23 @@ def test_the_four_rule_domain_is_drawn_as_before():
     assert not any(e[0] == "deliver" for p in old for e in p.ledger[1]) and not any(D.route_only(p) for p in old)
     with pytest.raises(D.DataError, match="unknown route rule"):
         D.split("dev", 3, route_rule="R6")
+
+
+def test_the_rule_prior_counts_delivery_lines_by_the_count_they_reach():
+    """domain.rule_prior, on hand-written chains: a delivery line to the asked item applies R5 when the count it reaches
+    is R5's, whatever amount it writes; lines on other items, other events and garbage are not counted."""
+    r5 = D.ROUTE_RULES["deliver"]
+    ledger = ({"A": 4, "B": 2, "C": 0}, [("deliver", "A", 0), ("deliver", "B", 0), ("restock", "A", 0)], "A")
+    p = D.problem_of(ledger, "deliver")
+    right = D.teacher_route(p).text
+    assert f"deliver A : 4 + {r5} = {4 + r5} -> A = {4 + r5}" in right and D.rule_prior([(p, right)]) == (1.0, 1)
+    chains = [f"deliver A : 4 + 6 = {4 + r5} -> A = {4 + r5}",  # a wrong sum that reaches R5's count: applied
+              f"deliver A : 4 + {r5 + 4} = {8 + r5} -> A = {8 + r5}", "deliver A : other -> A = 4",  # not applied
+              "deliver B : 2 + 3 = 5 -> A = 4", "restock A : 4 + 5 = 9 -> A = 9", "garbage", ""]  # not delivery lines to A
+    assert D.rule_prior([(p, c) for c in chains]) == (1 / 3, 3)
+    assert D.rule_prior([(p, "garbage")]) == (None, 0) and D.rule_prior([]) == (None, 0)
+    full = D.problem_of(({"A": 19, "B": 0, "C": 0}, [("deliver", "A", 0)], "A"), "deliver")  # R4 caps what R5 adds
+    assert D.rule_prior([(full, D.teacher_route(full).text), (full, "deliver A : 19 + 9 = 28 > 20 -> A = 20")]) == (1.0, 2)
 
 
 def test_routes_positive_negative_and_first_wrong_step():
@@ -94,7 +112,8 @@ def test_routes_positive_negative_and_first_wrong_step():
     delivered = [p for p in D.split("dev", 200) if D.route_only(p)]
     negatives = [D.negative_route(p, rng) for p in delivered for _ in range(3)]
     misapplied = {r.text.split("\n")[r.first_wrong - 1] for r in negatives}
-    assert any(line.startswith("deliver") and " + 3 = " not in line for line in misapplied)  # R5 misapplied is a mistake too
+    r5 = f" + {D.ROUTE_RULES['deliver']} = "
+    assert any(line.startswith("deliver") and r5 not in line for line in misapplied)  # R5 misapplied is a mistake too
 
 
 def test_every_problem_has_a_negative_route():
