@@ -88,8 +88,9 @@ def parser():
     ap.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)}; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
     ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
-    ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed (unless --seeds), "
-                    f"{QUICK_RL_STEPS} RL steps (unless --steps), from {DEFAULT_START} where it holds the seed's distillation")
+    ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed "
+                    f"(unless --seeds), {QUICK_RL_STEPS} RL steps (unless --steps), from {DEFAULT_START} where it "
+                    "holds the seed's distillation")
     ap.add_argument("--distill-steps", type=train.count, default=train.STAGE_DEFAULTS["distill"]["steps"],
                     help="steps of each seed's distillation (default: train.py's, %(default)s)")
     ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
@@ -151,7 +152,8 @@ def reused_start(args, rest, seed):
     if not args.quick or not (DEFAULT_START / "config.json").is_file() or not state.is_file():
         return None
     saved = torch.load(state, map_location="cpu", weights_only=False).get("args", {})
-    wanted = vars(train.get_args(["--stage", "distill", *distill_flags(rest), "--steps", str(args.distill_steps), "--seed", str(seed)]))
+    argv = ["--stage", "distill", *distill_flags(rest), "--steps", str(args.distill_steps), "--seed", str(seed)]
+    wanted = vars(train.get_args(argv))
     same = all(saved.get(k) == v for k, v in wanted.items() if k not in NOT_TRAINING)
     return DEFAULT_START if same and saved.get("stage") == "distill" else None
 
@@ -265,7 +267,7 @@ def run_ablation(argv):
     pending = [r for r in runs_of(args, rest, rl, out) if r.key not in finished]
     print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
           f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
-          f"({args.distill_steps} steps{'; ' + ', '.join(f'seed {s}: {p}/, made before' for s, p in args.reused.items()) if args.reused else ''}); "
+          f"({args.distill_steps} steps{reused_text(args)}); "
           f"eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
           f"writing {out}/ (each run's output in its .log)", flush=True)
     cores, failed, t0 = os.cpu_count() or 1, [], time.time()
@@ -313,7 +315,8 @@ def record(out: Path, r: Run, seconds, threads):
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
                       **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
-                      **{k: v for k, v in row.items() if k.endswith(PARTS) or k.startswith(("n_", "rule_prior")) or k == "route_only"},
+                      **{k: v for k, v in row.items()
+                         if k.endswith(PARTS) or k.startswith(("n_", "rule_prior")) or k == "route_only"},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
     train.log(out / "runs.jsonl", key=list(r.key), minutes=round(seconds / 60, 2), threads=threads,
               commands=[" ".join(c) for c in r.cmds])
@@ -405,7 +408,8 @@ def write_table(out: Path, args, rl, command):
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
              f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
-             f"{mean_or_dash(minutes('guided'))} min a seed{reused_text(args)}) except where its row says otherwise, and gets the same "
+             f"{mean_or_dash(minutes('guided'))} min a seed{reused_text(args)}) except where its row says otherwise, "
+             "and gets the same "
              f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
              f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
              f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
@@ -468,14 +472,16 @@ START = (("acc_autonomous_taught", "taught alone"), ("verdict_acc_taught", "taug
 
 
 def start_lines(res, args, split):
-    """The distilled start of each seed first: what every arm starts from (has it learned the domain, does it read routes)."""
+    """The distilled start of each seed first: what every arm starts from (has it learned the domain, does it read
+    routes, how often do its own samples apply the route-only rule)."""
     got = [(s, res[key]) for s in range(args.seed, args.seed + args.seeds) if (key := ("distill", s, split)) in res]
     if not got:
         return []
     cell = lambda r, k: "-" if r.get(k) is None else f"{100 * r[k]:.1f}"
-    return ["", f"The start of each seed ({split}, %; R5 in its own samples: the share of its sampled delivery lines, alone, "
-                f"that apply the route-only rule):", "", "| seed | " + " | ".join(n for _, n in START) + " |",
-            "|---|" + "---|" * len(START)] + [f"| {s} | " + " | ".join(cell(r, k) for k, _ in START) + " |" for s, r in got]
+    head = ["", f"The start of each seed ({split}, %; R5 in its own samples: the share of its sampled delivery lines, "
+                "alone, that apply the route-only rule):", "", "| seed | " + " | ".join(n for _, n in START) + " |",
+            "|---|" + "---|" * len(START)]
+    return head + [f"| {s} | " + " | ".join(cell(r, k) for k, _ in START) + " |" for s, r in got]
 
 
 LINKS = (("acc_with_routes_route_only", "route-only with routes"), ("verdict_acc_route_only", "verdicts route-only"),

@@ -55,10 +55,12 @@ from rollout import generate
 
 # ---- the route bank ----
 
-def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True, diverse: bool = False) -> list[D.Route]:
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True,
+                  diverse: bool = False) -> list[D.Route]:
     """Routes of the embedded teacher for one problem: R positives (copies, choice 1; diverse: each sum
     written in either order, so right routes differ where the problem has sums) and R negatives, right and
-    wrong as the problem's world says. Unguided, the one route the rule-less teacher writes, labelled by its answer."""
+    wrong as the problem's world says. Unguided, the one route the rule-less teacher writes, labelled by its
+    answer."""
     if not guided:
         return [D.teacher_route(problem, guided=False)]
     negatives = []
@@ -81,18 +83,21 @@ def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, 
     return problems, [embedded_bank(p, R, rng, guided, diverse) for p in problems]
 
 
-def reading_set(n: int, R: int, seed: int = 0, route_rule: str = "deliver", rule_share: float = 0.0, order_share: float = 0.0):
-    """n reading drills (choice 5): ledgers that deliver to the asked item, each in a world whose amount only its routes
-    tell. With probability order_share an order drill: the deliveries become orders, adding an amount drawn from
-    domain.ORDER_AMOUNTS; else a delivery drill: route_rule's own amount with probability rule_share, else one of
-    domain.DELIVER_AMOUNTS (never route_rule's). With that world's answer and route bank."""
+def reading_set(n: int, R: int, seed: int = 0, route_rule: str = "deliver", rule_share: float = 0.0,
+                order_share: float = 0.0):
+    """n reading drills (choice 5): ledgers that deliver to the asked item, each in a world whose amount only its
+    routes tell. With probability order_share an order drill: the deliveries become orders, adding an amount drawn
+    from domain.ORDER_AMOUNTS; else a delivery drill: route_rule's own amount with probability rule_share, else one
+    of domain.DELIVER_AMOUNTS (never route_rule's). With that world's answer and route bank."""
     rng = random.Random(f"reading-{seed}")
     rule = D.expert(route_rule).deliver
     others = [x for x in D.DELIVER_AMOUNTS if x != rule]
     problems, banks = [], []
-    for stock, events, asked in [p.ledger for p in D.split("reading", 2 * n, seed, route_rule) if D.route_only(p)][:n]:
+    ledgers = [p.ledger for p in D.split("reading", 2 * n, seed, route_rule) if D.route_only(p)][:n]
+    for stock, events, asked in ledgers:
         if rng.random() < order_share:
-            events, world = [("order" if k == "deliver" else k, x, m) for k, x, m in events], replace(D.EXPERT, order=rng.choice(D.ORDER_AMOUNTS))
+            events = [("order" if kind == "deliver" else kind, x, m) for kind, x, m in events]
+            world = replace(D.EXPERT, order=rng.choice(D.ORDER_AMOUNTS))
         else:
             world = replace(D.EXPERT, deliver=rule if rng.random() < rule_share else rng.choice(others))
         problems.append(D.problem_of((stock, events, asked), route_rule, world))

@@ -76,7 +76,7 @@ class Problem:
     rules: str | None = None  # the expert knowledge, for the teacher only
     routes: list[Route] = field(default_factory=list)  # from a JSONL file; empty for the embedded domain
     ledger: tuple | None = None  # embedded domain: (stock dict, events, asked item), for its teachers
-    world: "Rules | None" = None  # embedded domain: the rules its answer follows (the expert ones but for reading drills)
+    world: "Rules | None" = None  # embedded domain: the rules its answer follows (expert, but for reading drills)
 
 
 # ---- the embedded domain: a stock ledger under hidden rules ----
@@ -85,12 +85,12 @@ ITEMS = "ABCD"
 MAX_ANSWER = 20  # answers are 0..20
 RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
          "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
-RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher where a rule only routes carry (choice 5): Rules.deliver
-ROUTE_RULES = {"deliver": 1, "deliver3": 3, "none": None}  # the rule only routes carry: what a delivery adds (R5), or none
-DELIVER_AMOUNTS = tuple(range(4, 13))  # what a delivery adds in the worlds of reading drills and in wrong routes (choice 5)
+RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher where a rule only routes carry (choice 5)
+ROUTE_RULES = {"deliver": 1, "deliver3": 3, "none": None}  # the rule only routes carry: what R5 adds, or no R5
+DELIVER_AMOUNTS = tuple(range(4, 13))  # what a delivery adds in reading drills' worlds and in wrong routes (choice 5)
 ORDER_AMOUNTS = tuple(range(1, 13))  # what an order adds in the worlds of the reading drills that order (choice 5)
-KINDS = ("sell", "sell", "restock", "return", "spoil")  # event kinds, drawn uniformly; + "deliver" with a route-only rule
-ROUTE_ONLY_SHARE = 0.5  # of every split's problems with a route rule (train: RL's half; the distillation keeps the taught half)
+KINDS = ("sell", "sell", "restock", "return", "spoil")  # event kinds, drawn uniformly; + "deliver" with a route rule
+ROUTE_ONLY_SHARE = 0.5  # of a split's problems, with a route rule (train: RL's half; distillation: the taught half)
 
 
 @dataclass(frozen=True)
@@ -322,9 +322,9 @@ def mistake(event, v, rng: random.Random, rules: Rules = EXPERT):
     if kind == "spoil":
         wrong_rules.append(Rules(spoil="minus1"))  # R3 misapplied
     if kind == "deliver":
-        wrong_rules.append(Rules(deliver=rng.choice([x for x in DELIVER_AMOUNTS if x != rules.deliver])))  # R5 misapplied
+        wrong_rules.append(Rules(deliver=rng.choice([x for x in DELIVER_AMOUNTS if x != rules.deliver])))  # R5 wrong
     if kind == "order":
-        wrong_rules.append(Rules(order=rng.choice([x for x in ORDER_AMOUNTS if x != rules.order])))  # the order's amount misread
+        wrong_rules.append(Rules(order=rng.choice([x for x in ORDER_AMOUNTS if x != rules.order])))  # amount misread
     added = {"restock": EXPERT.restock, "deliver": rules.deliver, "order": rules.order, "return": n}.get(kind)
     if added is not None and v + added > EXPERT.cap:
         wrong_rules.append(replace(rules, cap=None))  # R4 forgotten

@@ -114,9 +114,9 @@ def parser(stage=None, pretrained=False):
                    f"Hugging Face folder (default: {each('init')}; rl runs the distill stage first when it is missing)")
     g.add_argument("--scratch-shape", default="tiny", choices=SCRATCH_SHAPES, help="the shape of --init scratch")
     g.add_argument("--data", help="JSONL problems with teacher routes (default: the embedded domain)")
-    g.add_argument("--route-rule", default="deliver", choices=D.ROUTE_RULES, help="embedded domain: the rule only routes carry "
-                   "(deliver: R5, a delivery adds 1, never in the distillation's problems, in half of the RL, dev, test and hard "
-                   "problems; deliver3: R5 adds 3; none: four rules, all taught)")
+    g.add_argument("--route-rule", default="deliver", choices=D.ROUTE_RULES, help="embedded domain: the rule only "
+                   "routes carry (deliver: R5, a delivery adds 1, never written by the distillation, in half of the "
+                   "RL, dev, test and hard problems; deliver3: R5 adds 3; none: four rules, all taught)")
     g.add_argument("--eval-data", help="JSONL problems to evaluate on, with --data (default: none)")
     g = ap.add_argument_group("distillation and routes")
     g.add_argument("--budget", type=ranged(int, 0), default=3000, help="teacher-written problems for SFT (embedded domain)")
@@ -125,13 +125,16 @@ def parser(stage=None, pretrained=False):
     g.add_argument("--R", type=count, default=3, help="positive and negative routes per problem in the route bank, each")
     g.add_argument("--diverse-routes", action=argparse.BooleanOptionalAction, default=False, help="embedded teacher: right routes write sums in either order")
     g.add_argument("--mrpv-share", type=share, default=0.3, help="share of SFT examples in the MRPV format, from --mrpv-from on")
-    g.add_argument("--mrpv-from", type=share, default=0.0, help="share of SFT steps before MRPV examples join (alone until then; 0: from the first step)")
-    g.add_argument("--reading", type=share, default=0.5, help="embedded domain, a --route-rule, guided: share of MRPV examples that are reading drills "
-                   "(distill.reading_set: deliveries in worlds where only the routes say what they add; 0: none)")
-    g.add_argument("--order-drills", type=share, default=0.5, help="share of reading drills that order instead of deliver (an event "
-                   "kind of the drills alone, adding 1 to 12 units as only their routes say: copying any amount off a route)")
-    g.add_argument("--rule-drills", type=share, default=0.0, help="share of the other reading drills in the route rule's own world, so "
-                   "that the distillation writes R5 on deliveries (0: never; 0.1: as often as each other amount)")
+    g.add_argument("--mrpv-from", type=share, default=0.0, help="share of SFT steps before MRPV examples join (alone "
+                   "until then; 0: from the first step)")
+    g.add_argument("--reading", type=share, default=0.5, help="embedded domain, a --route-rule, guided: share of MRPV "
+                   "examples that are reading drills (distill.reading_set: worlds where only the routes say what a "
+                   "delivery or an order adds; 0: none)")
+    g.add_argument("--order-drills", type=share, default=0.5, help="share of reading drills that order instead of "
+                   "deliver (an event kind of the drills alone, adding 1 to 12 units as only their routes say)")
+    g.add_argument("--rule-drills", type=share, default=0.0, help="share of the other reading drills in the route "
+                   "rule's own world, so that the distillation writes R5 on deliveries (0: never; 0.1: as often as "
+                   "each other amount)")
     g.add_argument("--drills", type=ranged(int, 0), default=32, help="embedded domain, --restate: verdict drills added to each SFT batch (distill.verdict_drills; 0: none)")
     g.add_argument("--sft-eaai", action=argparse.BooleanOptionalAction, default=False, help="MRPV SFT examples show 1..K routes, partly")
     g.add_argument("--K", type=count, default=3, help="routes shown in an MRPV prompt")
@@ -241,7 +244,7 @@ def train_set(args):
     """Problems with their route banks: the routes of a JSONL file, or the embedded domain's teacher."""
     if args.data:
         return distill.jsonl_set(args.data)
-    n = args.budget * (2 if args.route_rule != "none" else 1)  # the distillation's taught half, and as many route-only
+    n = args.budget * (2 if args.route_rule != "none" else 1)  # the distillation's taught half, as many route-only
     return distill.embedded_set("train", n, args.R, args.seed, args.seed, not args.unguided, args.diverse_routes, args.route_rule)
 
 
@@ -301,7 +304,7 @@ def evaluate(model, tok, problems, banks, args):
     return {**out, **{f"right_{k}": "".join("01"[x] for x in r) for k, r in right.items()}}
 
 
-PRIOR_SAMPLES, PRIOR_TEMPERATURE = 4, 0.7  # the rule's prior: samples per route-only problem, and at which temperature (RL's)
+PRIOR_SAMPLES, PRIOR_TEMPERATURE = 4, 0.7  # the rule's prior: samples per route-only problem, at RL's temperature
 
 
 def prior_samples(model, tok, problems, max_new_tokens, seed=0):
@@ -418,7 +421,9 @@ def run_distill(args):
     if not alone:
         raise D.DataError("no SFT example: no problem has a positive (correct) route")
     if reads(args):  # reading drills in place of a share of the MRPV examples (distill.py choice 5)
-        reading = distill.sft_examples(*distill.reading_set(len(routed), args.R, args.seed, args.route_rule, args.rule_drills, args.order_drills), tok, 1.0, args.K, args.neg_share, rng,
+        worlds = distill.reading_set(len(routed), args.R, args.seed, args.route_rule, args.rule_drills,
+                                     args.order_drills)
+        reading = distill.sft_examples(*worlds, tok, 1.0, args.K, args.neg_share, rng,
                                        args.sft_eaai, layout_of(args), args.keep_errors)
         routed = [reading[i % len(reading)] if rng.random() < args.reading else r for i, r in enumerate(routed)]
     if not args.data:  # what guidance buys: the embedded teacher without the rules

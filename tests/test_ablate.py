@@ -151,10 +151,11 @@ def test_quick_reuses_the_default_start_only_when_it_is_the_same_distillation(tm
 
     def made_by(*argv):
         import torch
-        torch.save({"stage": "distill", "args": vars(train.get_args(["--stage", "distill", *argv]))}, start / "trainer_state.pt")
+        saved = vars(train.get_args(["--stage", "distill", *argv]))
+        torch.save({"stage": "distill", "args": saved}, start / "trainer_state.pt")
         return ablate.get_args(["--quick"])
 
-    args, rest, rl = made_by("--device", "cpu", "--eval-every", "100")  # what train.py --stage rl runs first, and a look
+    args, rest, rl = made_by("--device", "cpu", "--eval-every", "100")  # what train.py --stage rl runs, and a look
     assert args.reused == {0: start}
     runs = ablate.runs_of(args, rest, rl, tmp_path / "ab")
     assert [r.key for r in runs] == [(a, 0) for a in ablate.QUICK_ARMS] and all(r.needs is None for r in runs)
@@ -162,7 +163,8 @@ def test_quick_reuses_the_default_start_only_when_it_is_the_same_distillation(tm
     assert made_by("--seed", "1")[0].reused == {}  # another seed
     assert made_by("--steps", "100")[0].reused == {}  # another recipe
     made_by()
-    assert ablate.get_args(["--quick", "--K", "2"])[0].reused == {} and ablate.get_args(["--quick", "--lr", "1e-4"])[0].reused == {0: start}
+    assert ablate.get_args(["--quick", "--K", "2"])[0].reused == {}  # --K shapes the distillation's data
+    assert ablate.get_args(["--quick", "--lr", "1e-4"])[0].reused == {0: start}  # --lr is the arms' RL setting
     assert ablate.get_args([])[0].reused == {}  # the full ablation distils every seed itself
 
 

@@ -175,7 +175,8 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
     assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
     bank = D.load_jsonl(out / "routes.jsonl")  # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
-    assert len(bank) == 200 and sum("deliver" in p.routes[0].text and p.routes[0].text.count(f" + {D.ROUTE_RULES['deliver']} = ") > 0 for p in bank) >= 90
+    r5 = f" + {D.ROUTE_RULES['deliver']} = "
+    assert len(bank) == 200 and sum("deliver" in p.routes[0].text and r5 in p.routes[0].text for p in bank) >= 90
     assert all(r.get("n_taught", 0) + r.get("n_route_only", 0) == 21 for r in evals)
 
     train.main(["--stage", "eval", "--init", str(out), "--eval-n", "21", "--max-new-tokens", "40"])
@@ -316,7 +317,8 @@ def test_reading_drills_deliver_in_worlds_only_their_routes_tell():
         for p, bank in zip(problems, banks):
             assert D.route_only(p) and len(bank) == 6
             pos, negs = bank[0], bank[3:]
-            assert pos.correct and D.extract_answer(pos.text) == p.answer and p.rules.endswith(D.RULE_R5.format(p.world.deliver))
+            assert pos.correct and D.extract_answer(pos.text) == p.answer
+            assert p.rules.endswith(D.RULE_R5.format(p.world.deliver))
             assert all(not n.correct and n.first_wrong and D.extract_answer(n.text) != p.answer for n in negs)
             found = set(D.delivery_amounts(pos.text, p.ledger[2]))
             assert found == {p.world.deliver}  # one world per problem

@@ -28,7 +28,8 @@ def test_problem_shape_difficulty_and_guessing():
         counts[p.answer] = counts.get(p.answer, 0) + 1
     assert set(counts) == {str(i) for i in range(21)}
     assert max(counts.values()) / len(train) <= 0.05  # no constant guess scores above 5 %
-    assert all(p.rules == D.RULES + D.RULE_R5.format(D.ROUTE_RULES["deliver"]) and p.rules not in p.question for p in train[:10])
+    told = D.RULES + D.RULE_R5.format(D.ROUTE_RULES["deliver"])
+    assert all(p.rules == told and p.rules not in p.question for p in train[:10])
     assert all(p.rules == D.RULES for p in D.split("train", 10, route_rule="none"))  # the four-rule domain: R5 untold
 
 
@@ -56,7 +57,9 @@ def test_route_only_half_of_every_split_and_what_it_means():
                 assert " : other -> " in lines[i]
             else:
                 before = int(lines[i - 1].rsplit(" ", 1)[1]) if i else stock[asked]
-                assert lines[i] == f"deliver {asked} : {before} + {r5} = {before + r5} -> {asked} = {before + r5}" or "> 20" in lines[i]
+                after = before + r5
+                want = f"deliver {asked} : {before} + {r5} = {after} -> {asked} = {after}"
+                assert lines[i] == want or "> 20" in lines[i]
     assert any(D.route_only(p) and not D.teacher_route(p, guided=False).correct for p in problems)  # R5 is what a guess misses
     assert D.route_only(D.Problem("q", "1")) is None  # a JSONL problem has no ledger, so no part
 
@@ -84,11 +87,12 @@ def test_the_rule_prior_counts_delivery_lines_by_the_count_they_reach():
     assert f"deliver A : 4 + {r5} = {4 + r5} -> A = {4 + r5}" in right and D.rule_prior([(p, right)]) == (1.0, 1)
     chains = [f"deliver A : 4 + 6 = {4 + r5} -> A = {4 + r5}",  # a wrong sum that reaches R5's count: applied
               f"deliver A : 4 + {r5 + 4} = {8 + r5} -> A = {8 + r5}", "deliver A : other -> A = 4",  # not applied
-              "deliver B : 2 + 3 = 5 -> A = 4", "restock A : 4 + 5 = 9 -> A = 9", "garbage", ""]  # not delivery lines to A
+              "deliver B : 2 + 3 = 5 -> A = 4", "restock A : 4 + 5 = 9 -> A = 9", "garbage", ""]  # not to A
     assert D.rule_prior([(p, c) for c in chains]) == (1 / 3, 3)
     assert D.rule_prior([(p, "garbage")]) == (None, 0) and D.rule_prior([]) == (None, 0)
     full = D.problem_of(({"A": 19, "B": 0, "C": 0}, [("deliver", "A", 0)], "A"), "deliver")  # R4 caps what R5 adds
-    assert D.rule_prior([(full, D.teacher_route(full).text), (full, "deliver A : 19 + 9 = 28 > 20 -> A = 20")]) == (1.0, 2)
+    capped = "deliver A : 19 + 9 = 28 > 20 -> A = 20"
+    assert D.rule_prior([(full, D.teacher_route(full).text), (full, capped)]) == (1.0, 2)
 
 
 def test_routes_positive_negative_and_first_wrong_step():

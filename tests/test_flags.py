@@ -101,7 +101,8 @@ def test_from_the_shell_one_line_on_stderr_and_exit_1(tmp_path):
 def test_each_stage_has_its_own_defaults():
     """The distillation decays its learning rate, RL holds it (equal rates for every arm's updates); a flag wins."""
     distill, rl = train.get_args(["--stage", "distill"]), train.get_args(["--stage", "rl"])
-    assert (distill.lr_schedule, distill.steps, distill.batch_size, distill.lr, distill.mrpv_from) == ("cosine", 1200, 32, 2e-3, 0.0)
+    got = (distill.lr_schedule, distill.steps, distill.batch_size, distill.lr, distill.mrpv_from)
+    assert got == ("cosine", 1200, 32, 2e-3, 0.0)
     assert (rl.lr_schedule, rl.steps, rl.fresh_problems) == ("constant", 120, False)
     assert train.get_args(["--stage", "rl", "--lr-schedule", "cosine"]).lr_schedule == "cosine"
     lrs = [train.lr_at(s, rl) for s in range(rl.steps)]
