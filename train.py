@@ -443,7 +443,7 @@ def run_distill(args):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        mix = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0  # MRPV examples join late (choice 2)
+        mix = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0  # from --mrpv-from on (choice 2: 0)
         batch = distill.draw_batch(alone, routed, mix, args.batch_size, rng) + distill.verdict_drills(drills(args), args.K, rng, tok)
         loss_sum = distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
         if args.grad_clip:
