@@ -18,9 +18,9 @@ Choices that are ours:
    6,000 drawn (the route-only ones go to the route bank, for RL), 1,200 steps of 32 at peak lr 2e-3 (cosine), each
    batch + 32 verdict drills (distill.py choice 4); MRPV examples 30 % of each batch from the first step, half of
    them reading drills, half of those ordering (distill.py choice 5); the student model.tiny_config (width 128).
-   MRPV examples from the first step, not after the student solves alone, and the order drills, are what made
-   its verdicts and its reading of R5 come within the steps on every seed we ran; its cost is below twice the
-   earlier 800-step recipe's, measured side by side.
+   MRPV examples from the first step, not after the student solves alone, and the order drills, are what brought
+   its verdicts and its reading of R5 within the steps, on most seeds but not all; the entry names which, and what
+   the recipe costs against the earlier 800-step one, measured side by side.
 3. Evaluation is greedy. acc_with_routes shows K routes drawn from the split's own route bank with
    the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
 4. RL defaults, chosen on the dev split of the embedded domain (RESULTS.md): 8 prompts x 8 samples a
