@@ -405,11 +405,12 @@ def write_table(out: Path, args, rl, command):
     seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
     bits = lambda a, sp, k, part: {s: part_bits(res[a, s, sp], k, part) for s in done(a)}
+    took = f"{mean_or_dash(minutes('guided'))} min a seed" if minutes("guided") else ""  # none where all reused
+    start = [f"{args.distill_steps} steps", took, reused_text(args).removeprefix("; ")]
     machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
-             f"- Every arm starts from the same seed's guided distillation ({args.distill_steps} steps; "
-             f"{mean_or_dash(minutes('guided'))} min a seed{reused_text(args)}) except where its row says otherwise, "
-             "and gets the same "
+             f"- Every arm starts from the same seed's guided distillation ({'; '.join(filter(None, start))}) "
+             "except where its row says otherwise, and gets the same "
              f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
              f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
              f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
