@@ -21,6 +21,20 @@ def test_shapes_differ_where_they_should():
     assert lin == 0.75 and cos > lin > exp  # exact: 1 - 25 / 100 has no rounding in binary
 
 
+@pytest.mark.parametrize("shape, at_quarter, at_half, at_three_quarters", [
+    ("linear", 0.75, 0.5, 0.25),
+    ("cosine", (2 + 2 ** 0.5) / 4, 0.5, (2 - 2 ** 0.5) / 4),  # (1 + cos(pi u)) / 2 at u = 1/4, 1/2, 3/4
+    ("exponential", 0.281665, 0.075858, 0.016894),  # (e^(-5u) - e^-5) / (1 - e^-5), to 6 places
+])
+def test_each_shape_by_its_values(shape, at_quarter, at_half, at_three_quarters):
+    """Each shape pinned at u = 1/4, 1/2, 3/4 after a hold of 10 (a square root or a power of the cosine,
+    another rate, or a decay measured from step 0 fails here)."""
+    s = E.Schedule(shape, hold=10, decay=40)
+    got = [s.h(t) for t in (10, 20, 30, 40, 50)]
+    assert got[0] == 1.0 and got[4] == 0.0
+    assert got[1:4] == pytest.approx([at_quarter, at_half, at_three_quarters], abs=1e-6)
+
+
 def test_hints_follow_h():
     ann = E.Annealer(E.Schedule("linear", decay=100), K=4, seed=0)
     full = [ann.hint(0) for _ in range(200)]
