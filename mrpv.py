@@ -49,8 +49,8 @@ Choices that are ours (the paper does not fix them):
    the routes (the default), so that the model's own steps start right after the question as they do
    with no route shown, or before them; routes shown with their answer lines (the default) or without
    them, so that a verdict needs the route's process and not only its final line. The order and the
-   question's place were chosen on dev over three seeds (RESULTS.md, "A cold start that reads
-   routes"): the distilled student's accuracy with routes rose from 13.8 to 68.9 % (alone 92.4 %).
+   question's place were chosen on dev over three seeds, for the distilled student's accuracy with
+   routes (RESULTS.md, "A cold start that reads routes").
    Routes without answers were not measured; they stay an option.
 6. Consistency (Weights.consistent; train.py's default, --consistent, chosen on dev with grpo.py's
    per-component advantages, RESULTS.md): a verdict on a route whose answer line is shown earns credit

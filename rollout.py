@@ -30,9 +30,8 @@ Choices that are ours:
    The first call compiles (seconds to a minute) for any batch and cache size; the graph is
    captured once per call of generate.
 6. `greedy` (evaluation) runs many prompts sorted by length, 64 at a time on a CPU (512 on CUDA): a
-   batch lasts as long as its longest answer, so small batches of similar prompts stop sooner. On
-   the embedded domain's 1,000 test prompts with 3 routes (2-core CPU): 18-19 s at 32-64, 35 s at
-   256 sorted, 45 s at 256 unsorted.
+   batch lasts as long as its longest answer, so small batches of similar prompts stop sooner (the
+   batch sizes timed on the embedded domain's test prompts: RESULTS.md).
 """
 
 import argparse

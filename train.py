@@ -25,7 +25,7 @@ Choices that are ours:
    the default positive / negative mix, seeded per problem, so every evaluation sees the same prompts.
 4. RL defaults, chosen on the dev split of the embedded domain (RESULTS.md): 8 prompts x 8 samples a
    step at temperature 0.7, lr 3e-5, 120 steps, EAAI cosine decay over the first 60 %, the distilled
-   problems (--fresh-problems cost ReaLM 2 points on dev), advantages per reward component with
+   problems (--fresh-problems lost on dev), advantages per reward component with
    consistent verdicts (grpo.py, mrpv.py). From a checkpoint the peak lr is lower (distill 1e-5, rl on --data 1e-6).
    On CUDA rollouts sample from a bfloat16 copy of the weights: the first ratio is 1 up to rounding.
 5. Sampling seeds are per prompt and step, so torchrun's N processes sample what one process would.
