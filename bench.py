@@ -54,7 +54,8 @@ def rl_report(args) -> dict:
 
 def bench_rl(shape, rest) -> dict:
     if any(f.split("=")[0] in ("--stage", "--init", "--data", "--resume") for f in rest):
-        sys.exit("error: the benchmark sets --stage, --init and --data itself (a random-weight model, the embedded domain)")
+        sys.exit("error: the benchmark sets --stage, --init and --data itself "
+                 "(a random-weight model, the embedded domain)")
     args = train.get_args(["--stage", "rl", "--init", "scratch", "--scratch-shape", shape, "--eval-n", "0",
                            "--steps", "3", "--out", f"out/bench-{shape}", *rest])
     train.run_rl(args)
@@ -84,10 +85,12 @@ def bench_sft(rest) -> dict:
     finally:
         distill.sft_step = inner
     fb = [b - a for a, b in zip(times[0::2], times[1::2])][1:]  # the first step left out
-    step = [b - a for a, b in zip(times[0::2], times[2::2])][1:]  # start to start: the whole step, batch drawing included
+    # start to start: the whole step, batch drawing included
+    step = [b - a for a, b in zip(times[0::2], times[2::2])][1:]
     print(f"bench sft: batch {args.batch_size} + {train.drills(args)} drills, {args.mrpv_share:.0%} MRPV examples, "
           f"micro-tokens {args.micro_tokens}; mean of {len(fb)} steps")
-    print(f"  forward+backward {sum(fb) / len(fb):8.3f} s | {sum(tokens[1:]) / sum(fb):9.0f} tok/s (real tokens, padding not counted)")
+    print(f"  forward+backward {sum(fb) / len(fb):8.3f} s | {sum(tokens[1:]) / sum(fb):9.0f} tok/s "
+          f"(real tokens, padding not counted)")
     print(f"  {'step':>16} {sum(step) / len(step):8.3f} s (start to start, {len(step)} steps)")
     return {"sft step s": sum(step) / len(step), "sft forward+backward s": sum(fb) / len(fb)}
 
@@ -105,7 +108,8 @@ def bench_sampler(rest) -> dict:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        sys.exit("error: bench.py sampler compares with transformers, which is not installed (pip install transformers)")
+        sys.exit("error: bench.py sampler compares with transformers, which is not installed "
+                 "(pip install transformers)")
     torch.manual_seed(0)
     cfg = M.tiny_config(M.TINY_VOCAB, qkv_bias=True, architecture="Qwen2ForCausalLM")
     model = M.Transformer(cfg)
@@ -120,12 +124,13 @@ def bench_sampler(rest) -> dict:
     ones = torch.ones_like(prompts)
 
     def run_ours():
-        return [s.tokens for s in rollout.generate(ours, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0)]
+        return [s.tokens
+                for s in rollout.generate(ours, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0)]
 
     @torch.inference_mode()
     def run_theirs():
-        out = theirs.generate(prompts, attention_mask=ones, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = theirs.generate(prompts, attention_mask=ones, max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[:, prompts.shape[1]:].tolist()
     equal = sum(a == b for a, b in zip(run_ours(), run_theirs()))  # also the warm-up of both
     times = {"ours": [], "transformers": []}
@@ -136,21 +141,26 @@ def bench_sampler(rest) -> dict:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tok = args.batch * args.new_tokens
-    print(f"bench sampler: tiny shape, Qwen2 layout, {args.batch} prompts x 32 tokens, {args.new_tokens} new tokens, greedy, "
-          f"{torch.get_num_threads()} threads; greedy tokens equal on {equal}/{args.batch} rows")
+    print(f"bench sampler: tiny shape, Qwen2 layout, {args.batch} prompts x 32 tokens, {args.new_tokens} new tokens, "
+          f"greedy, {torch.get_num_threads()} threads; greedy tokens equal on {equal}/{args.batch} rows")
     for k, v in times.items():
-        print(f"  {k:>12} {med[k]:7.3f} s median of {len(v)} ({', '.join(f'{x:.3f}' for x in v)}) | {tok / med[k]:7.0f} tok/s")
+        print(f"  {k:>12} {med[k]:7.3f} s median of {len(v)} ({', '.join(f'{x:.3f}' for x in v)}) | "
+              f"{tok / med[k]:7.0f} tok/s")
     print(f"  ours is {med['transformers'] / med['ours']:.2f}x as fast")
-    return {"sampler s": med["ours"], "transformers s": med["transformers"], "ours / transformers speed": med["transformers"] / med["ours"]}
+    return {"sampler s": med["ours"], "transformers s": med["transformers"],
+            "ours / transformers speed": med["transformers"] / med["ours"]}
 
 
 def compare(rest):
     """`compare REV [--rounds N] -- BENCHMARK ARGS`: the benchmark on the working tree and on commit REV by turns."""
     p = train.Parser(prog="bench.py compare")
-    p.add_argument("rev", help="the commit to compare the working tree with (anything git accepts: HEAD, main~3, a hash)")
-    p.add_argument("--rounds", type=train.count, default=3, help="runs of the benchmark on each side, by turns (at least 1)")
+    p.add_argument("rev", help="the commit to compare the working tree with "
+                               "(anything git accepts: HEAD, main~3, a hash)")
+    p.add_argument("--rounds", type=train.count, default=3,
+                   help="runs of the benchmark on each side, by turns (at least 1)")
     cut = rest.index("--") if "--" in rest else len(rest)
-    args, bench = p.parse_args(rest[:cut]), rest[cut + 1:]  # after --: the benchmark and its flags (tiny, sft, sampler, ...)
+    # after --: the benchmark and its flags (tiny, sft, sampler, ...)
+    args, bench = p.parse_args(rest[:cut]), rest[cut + 1:]
     if not bench or bench[0] == "compare":
         sys.exit("error: compare: name the benchmark after --, e.g. `python bench.py compare HEAD -- tiny`")
     here = Path(__file__).resolve().parent
@@ -173,7 +183,8 @@ def compare(rest):
                     run = subprocess.run([sys.executable, str(folder / "bench.py"), *bench, "--record", str(record)],
                                          cwd=folder, capture_output=True, text=True)
                     if run.returncode:
-                        sys.exit(f"error: compare: the benchmark failed on {side}: {(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+                        sys.exit(f"error: compare: the benchmark failed on {side}: "
+                                 f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
                     figures[side].append(json.loads(record.read_text()))
         finally:
             git("worktree", "remove", "--force", str(tree))
@@ -182,7 +193,8 @@ def compare(rest):
     print(f"  {'':>24} {a:>14} {b:>14}  ratio (working tree / {b}: below 1, less time here)")
     for key in figures[a][0]:
         ma, mb = (statistics.median(f[key] for f in figures[s]) for s in (a, b))
-        print(f"  {key:>24} {ma:14.3f} {mb:14.3f}  {ma / mb:5.2f}  (runs: {', '.join(f'{f[key]:.3f}' for f in figures[a])} | "
+        print(f"  {key:>24} {ma:14.3f} {mb:14.3f}  {ma / mb:5.2f}  "
+              f"(runs: {', '.join(f'{f[key]:.3f}' for f in figures[a])} | "
               f"{', '.join(f'{f[key]:.3f}' for f in figures[b])})")
 
 
@@ -200,8 +212,10 @@ def main(argv=None):
     try:
         if mode == "compare":
             return compare(argv[1:])
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else contextlib.nullcontext() as prof:
-            figures = bench_sft(rest) if mode == "sft" else bench_sampler(rest) if mode == "sampler" else bench_rl(mode, rest)
+        with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile
+              else contextlib.nullcontext()) as prof:
+            figures = (bench_sft(rest) if mode == "sft" else bench_sampler(rest) if mode == "sampler"
+                       else bench_rl(mode, rest))
     except (D.DataError, M.CheckpointError, train.TrainingError) as e:
         sys.exit(f"error: {e}")
     if profile:  # the whole run, warm-up and set-up included; the profiler's own cost inflates the many small operators

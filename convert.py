@@ -112,7 +112,8 @@ def model_config(meta: dict, tensors: dict, where: str) -> M.ModelConfig:
     hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", hidden // heads)
     if get("attention.value_length", head_dim) != head_dim or get("rope.dimension_count", head_dim) != head_dim:
-        raise ConvertError(f"{where}: value length or rotary dimensions differ from the head size {head_dim}: not supported")
+        raise ConvertError(f"{where}: value length or rotary dimensions differ from the head size {head_dim}: "
+                           "not supported")
     rope = None
     scaling = get("rope.scaling.type", "none")
     if scaling == "linear":
@@ -120,7 +121,8 @@ def model_config(meta: dict, tensors: dict, where: str) -> M.ModelConfig:
     elif scaling != "none":
         raise ConvertError(f"{where}: rope scaling {scaling!r} is not supported (supported: none, linear, llama3)")
     bias = "blk.0.attn_q.bias" in tensors
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id")
            if k in meta]
     eos = list(dict.fromkeys(eos))  # choice 5
     cfg = M.ModelConfig(
@@ -146,7 +148,8 @@ def llama3_rope(cfg: M.ModelConfig, factors: torch.Tensor, where: str) -> dict:
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
             s = {"rope_type": "llama3", "factor": round(float(factors.max()), 3), "low_freq_factor": low,
                  "high_freq_factor": high, "original_max_position_embeddings": old_len}
-            if torch.allclose(plain / M.rope_inv_freq(M.ModelConfig(**{**cfg.__dict__, "rope_scaling": s})), factors, rtol=1e-4):
+            if torch.allclose(plain / M.rope_inv_freq(M.ModelConfig(**{**cfg.__dict__, "rope_scaling": s})), factors,
+                              rtol=1e-4):
                 return s
     raise ConvertError(f"{where}: rope_freqs.weight matches no llama3 rope scaling settings tried")
 
@@ -210,8 +213,10 @@ def weights(tensors: dict, cfg: M.ModelConfig, dtype) -> dict:
 # ---- tokenizer ----
 
 SPLITS = {  # tokenizer.ggml.pre -> the split pattern its merges were learned with (choice 4)
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
 PRE_TOKENIZERS = ("smollm", "gpt-2", *SPLITS)
 
@@ -236,7 +241,8 @@ def build_tokenizer(meta: dict, where: str) -> HFTokenizer:
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ")) for m in merges]
-    assert all(len(p) == 2 for p in pairs), f"{where}: a merge is not two tokens: {next(m for m in merges if m.count(' ') != 1)!r}"
+    assert all(len(p) == 2 for p in pairs), \
+        f"{where}: a merge is not two tokens: {next(m for m in merges if m.count(' ') != 1)!r}"
     tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre == "llama-bpe"))  # Llama-3 takes whole words first
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
@@ -246,7 +252,8 @@ def build_tokenizer(meta: dict, where: str) -> HFTokenizer:
                     for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:  # Llama-3: every text starts with BOS
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]}:1 $B:1",
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           pair=f"{tokens[bos]} $A {tokens[bos]}:1 $B:1",
                                                            special_tokens=[(tokens[bos], bos)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -283,7 +290,8 @@ def convert(file, out, dtype=torch.float32, overwrite=False):
     cfg = model_config(meta, tensors, where)
     bad = sorted({t.tensor_type.name for t in tensors.values()} - set(DEQUANTIZED))
     if bad:
-        raise ConvertError(f"{where}: tensor type {', '.join(bad)} is not supported (supported: {', '.join(DEQUANTIZED)})")
+        raise ConvertError(f"{where}: tensor type {', '.join(bad)} is not supported "
+                           f"(supported: {', '.join(DEQUANTIZED)})")
     check_shapes(tensors, cfg, where)
     tok = build_tokenizer(meta, where)
     state = weights(tensors, cfg, dtype)

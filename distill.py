@@ -75,8 +75,8 @@ def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool =
     return [D.teacher_route(problem)] * R + negatives
 
 
-def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True, diverse: bool = False,
-                 route_rule: str = "deliver"):
+def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True,
+                 diverse: bool = False, route_rule: str = "deliver"):
     """n problems of the embedded domain's split and the embedded teacher's route bank for each."""
     problems = D.split(split, n, seed, route_rule)
     rng = random.Random(f"routes-{bank_seed}")
@@ -256,8 +256,10 @@ if __name__ == "__main__":
         if args.teacher:
             teacher, tok = M.load_model(args.teacher), M.load_tokenizer(args.teacher)
             print(f"sampling {args.n} routes per problem for {len(problems)} problems from {args.teacher}")
-            banks = checkpoint_bank(teacher, tok, problems, args.R, True, args.n, args.max_new_tokens, args.temperature, args.seed)
-            blind = checkpoint_bank(teacher, tok, problems, args.R, False, args.n, args.max_new_tokens, args.temperature, args.seed)
+            banks = checkpoint_bank(teacher, tok, problems, args.R, True, args.n, args.max_new_tokens, args.temperature,
+                                    args.seed)
+            blind = checkpoint_bank(teacher, tok, problems, args.R, False, args.n, args.max_new_tokens,
+                                    args.temperature, args.seed)
         elif args.data:
             raise SystemExit("error: --data without --teacher: the embedded teacher only knows the embedded domain")
         else:

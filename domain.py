@@ -84,7 +84,8 @@ class Problem:
 ITEMS = "ABCD"
 MAX_ANSWER = 20  # answers are 0..20
 RULES = ("R1 restock adds 5 units . R2 a sale larger than the stock sells nothing . "
-         "R3 spoil halves the stock , rounding down . R4 a shelf holds at most 20 units ; anything above is thrown away .")
+         "R3 spoil halves the stock , rounding down . "
+         "R4 a shelf holds at most 20 units ; anything above is thrown away .")
 RULE_R5 = " R5 a delivery adds {} units ."  # told to the teacher where a rule only routes carry (choice 5)
 ROUTE_RULES = {"deliver": 1, "deliver3": 3, "none": None}  # the rule only routes carry: what R5 adds, or no R5
 DELIVER_AMOUNTS = tuple(range(4, 13))  # what a delivery adds in reading drills' worlds and in wrong routes (choice 5)
@@ -129,7 +130,8 @@ SPLITS = {"train": Difficulty(), "dev": Difficulty(), "test": Difficulty(),
           "hard": Difficulty(min_events=7, max_events=8, p_asked=0.75),
           "fresh": Difficulty(),  # train's difficulty, its own stream: RL problems the distillation never saw
           "reading": Difficulty()}  # ledgers of the reading drills (distill.reading_set), their own stream
-EVAL_SIZES = {"dev": 500, "test": 1000, "hard": 1000}  # evaluated a split: one standard error <= 2.2 points on dev, 1.6 on the others
+# evaluated a split: one standard error <= 2.2 points on dev, 1.6 on the others
+EVAL_SIZES = {"dev": 500, "test": 1000, "hard": 1000}
 WORDS = ([str(i) for i in range(100)] + list(ITEMS) +
          "Stock : = , . Events ; How many ? sell restock return spoil other -> + - / > no sale all sold "
          "Answer Route sound wrong at step deliver order <".split())
@@ -156,7 +158,8 @@ def apply(rules: Rules, event, v):
             return (f"{n} > {v} no sale", v) if rules.oversell == "nothing" else (f"{n} > {v} all sold", 0)
         return f"{v} - {n} = {v - n}", v - n
     if kind == "spoil":
-        return (f"{v} / 2 = {v // 2}", v // 2) if rules.spoil == "half" else (f"{v} - 1 = {max(v - 1, 0)}", max(v - 1, 0))
+        return ((f"{v} / 2 = {v // 2}", v // 2) if rules.spoil == "half"
+                else (f"{v} - 1 = {max(v - 1, 0)}", max(v - 1, 0)))
     add = {"restock": rules.restock, "deliver": rules.deliver, "order": rules.order}.get(kind, n)
     if rules.cap is not None and v + add > rules.cap:
         return f"{v} + {add} = {v + add} > {rules.cap}", rules.cap
@@ -289,7 +292,8 @@ def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list
     # the ledgers are those that rejection sampling of that kind would give, at a fraction of the draws.
     rng = random.Random(f"ledger-{route_rule}-{name}-{seed}")
     n_route = round(n * ROUTE_ONLY_SHARE)
-    free = Counter([(i % (MAX_ANSWER + 1), False) for i in range(n - n_route)] + [(i % (MAX_ANSWER + 1), True) for i in range(n_route)])
+    free = Counter([(i % (MAX_ANSWER + 1), False) for i in range(n - n_route)] +
+                   [(i % (MAX_ANSWER + 1), True) for i in range(n_route)])
     problems = []
     while len(problems) < n:
         ledger = random_ledger(rng, SPLITS[name], KINDS + ("deliver",))
@@ -523,5 +527,6 @@ if __name__ == "__main__":
     n_tokens = [len(tokenizer().encode(q.question + "\n" + teacher_route(q).text)) for q in problems[:200]]
     print(f"question + route: {sum(n_tokens) / len(n_tokens):.0f} tokens on average, {max(n_tokens)} at most")
     if args.write:
-        save_jsonl([Problem(q.question, q.answer, q.rules, [teacher_route(q), negative_route(q, rng)]) for q in problems], args.write)
+        save_jsonl([Problem(q.question, q.answer, q.rules, [teacher_route(q), negative_route(q, rng)])
+                    for q in problems], args.write)
         print(f"wrote {args.write}")

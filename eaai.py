@@ -85,7 +85,8 @@ class Annealer:
         h = self.schedule.h(step)
         u1, u2 = self.rng.random(), self.rng.random()  # drawn every call, so the stream never depends on h
         if self.fade == "sequential":  # choice 4: one of show, count, prefix moves at a time
-            show_p, count, frac = min(1.0, 3 * h), 1 + (self.K - 1) * min(1.0, max(0.0, 3 * h - 2)), min(1.0, max(0.0, 3 * h - 1))
+            show_p, count, frac = (min(1.0, 3 * h), 1 + (self.K - 1) * min(1.0, max(0.0, 3 * h - 2)),
+                                   min(1.0, max(0.0, 3 * h - 1)))
         else:
             show_p, count, frac = h, h * self.K, h
         show = h > 0 and self.K > 0 and (u1 < show_p if self.vary_show else True)

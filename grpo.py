@@ -97,7 +97,8 @@ def sequence_logprobs(model, prompts, completions, pad_id, temperature=1.0):
     logits computed at the completion tokens only. Returns logp (N, L) and mask (N, L) (1.0 on real
     completion tokens), both right-padded to L, the longest completion."""
     device = model.lm_head.weight.device
-    N, W, L = len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions)), max(1, max(map(len, completions)))
+    N, W, L = (len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions)),
+               max(1, max(map(len, completions))))
     tokens = torch.full((N, W), pad_id, dtype=torch.long)  # (N, W)
     keep = torch.zeros(N, W, dtype=torch.bool)  # (N, W): the positions that predict a completion token
     mask = torch.zeros(N, L, dtype=torch.bool)  # (N, L)
@@ -237,7 +238,8 @@ def minibatch_loss(model, ref, part, n, args, pad_id):
         for k, e in enumerate(micro):
             adv[k, :len(e[1])] = torch.as_tensor(e[3], device=device)
         loss, st = grpo_loss(logp, old, adv, mask, args.epsilon, args.epsilon_high, args.beta, ref_logp, args.loss_type)
-        share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n  # this micro-batch's part of the mean
+        # this micro-batch's part of the mean
+        share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n
         (loss * share).backward()
         loss_sum += loss.item() * share
         clip_sum += st["clip_frac"] * share
@@ -256,7 +258,8 @@ def policy_update(model, ref, opt, batch, args, world, pad_id):
     for _ in range(args.mu):
         for m in range(M):
             part = [e for e in batch if e[4] % M == m]  # choice 1
-            # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over processes
+            # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over
+            # processes
             n_local = sum(len(e[1]) for e in part) if args.loss_type == "token" else len(part)
             n = sum_floats([n_local], world, device)[0]
             if n == 0:

@@ -106,7 +106,8 @@ class ModelConfig:
         rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported "
+                                  f"(supported: {', '.join(ROPE_TYPES)})")
         rope = None if rope_type == "default" else {**rope, "rope_type": rope_type}
         window = d.get("sliding_window")
         if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
@@ -156,7 +157,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq / s["factor"]
     # llama3: wavelengths longer than old_len / low_freq_factor are stretched by `factor`, shorter than
     # old_len / high_freq_factor kept, and those between interpolated smoothly.
-    factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, low, high, old_len = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                                  s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)  # 0: stretched, 1: kept
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -209,7 +211,8 @@ def split_state(state: dict, prefix: str, name: str, parts: dict):
     for kind in ("weight", "bias"):
         if prefix + f"{name}.{kind}" in state:
             pieces = state.pop(prefix + f"{name}.{kind}").split(list(parts.values()))
-            state.update({prefix + f"{part}.{kind}": p.clone() for part, p in zip(parts, pieces)})  # clone: safetensors refuses shared memory
+            # clone: safetensors refuses shared memory
+            state.update({prefix + f"{part}.{kind}": p.clone() for part, p in zip(parts, pieces)})
 
 
 def stack_state(state: dict, prefix: str, name: str, parts: dict):
@@ -407,7 +410,8 @@ class KVCache:
     def prefix(self, rows) -> "KVCache":
         """A cache over the first `rows` rows that shares this one's memory (prefill once, see tile_from)."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.valid, view.length, view.slot = self.k[:, :rows], self.v[:, :rows], self.valid[:rows], self.length, None
+        view.k, view.v, view.valid, view.length, view.slot = (self.k[:, :rows], self.v[:, :rows], self.valid[:rows],
+                                                              self.length, None)
         return view
 
     def tile_from(self, prefix: "KVCache"):
@@ -459,7 +463,8 @@ def weight_files(path: Path) -> list[Path]:
         return [path / f for f in sorted(set(weight_map.values()))]
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
-    hint = " (pytorch_model.bin is not supported: convert it to safetensors)" if (path / "pytorch_model.bin").exists() else ""
+    hint = (" (pytorch_model.bin is not supported: convert it to safetensors)" if (path / "pytorch_model.bin").exists()
+            else "")
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
@@ -637,7 +642,8 @@ def load_tokenizer(path) -> Tokenizer:
         tok = HFTokenizer.from_file(str(file))
     except Exception as e:
         raise CheckpointError(f"{file}: cannot be read by tokenizers ({e})") from None
-    files = {n: read_json(path / n) for n in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+    files = {n: read_json(path / n)
+             for n in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
              if (path / n).is_file()}
     if (path / "chat_template.jinja").is_file():  # transformers 5 writes the template on its own
         files["chat_template.jinja"] = (path / "chat_template.jinja").read_text()
@@ -669,7 +675,8 @@ def chatml_system(template: str) -> str | None:
     '<|im_start|>system' newline ... '<|im_end|>', its newlines written as \\n (Qwen2.5's template
     in JSON) or as real newlines (SmolLM2's). A literal that stops before <|im_end|> (the branch that
     writes the caller's system message: '...system\\n' + messages[0]['content'] + ...) is no default."""
-    m = re.search(r"""'<\|im_start\|>system(?:\\n|\n)([^']*?)<\|im_end\|>|"<\|im_start\|>system(?:\\n|\n)([^"]*?)<\|im_end\|>""",
+    m = re.search(r"""'<\|im_start\|>system(?:\\n|\n)([^']*?)<\|im_end\|>|"""
+                  r'"<\|im_start\|>system(?:\\n|\n)([^"]*?)<\|im_end\|>',
                   template)
     return (m.group(1) if m.group(1) is not None else m.group(2)).replace("\\n", "\n") if m else None
 
@@ -687,11 +694,13 @@ def build_tokenizer(words, phrases=()) -> Tokenizer:
     exactly. Saved as tokenizer.json like any other tokenizer."""
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     for w in ["\n", *words, *phrases]:
-        assert w == "\n" or not any(c.isspace() for c in w.replace(" ", "")) and "  " not in w, f"word {w!r} holds whitespace"
+        assert w == "\n" or not any(c.isspace() for c in w.replace(" ", "")) and "  " not in w, \
+            f"word {w!r} holds whitespace"
         for piece in (w, " " + w) if w != "\n" else (w,):
             vocab.setdefault(piece, len(vocab))
     tok = HFTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    pieces = "".join(f" ?{re.escape(p)}(?![^ \n])|" for p in phrases)  # a phrase, where it ends at a space or a line end
+    # a phrase, where it ends at a space or a line end
+    pieces = "".join(f" ?{re.escape(p)}(?![^ \n])|" for p in phrases)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(rf"\n|{pieces} ?[^ \n]+"), behavior="isolated")  # " word" pieces
     tok.decoder = decoders.Fuse()  # pieces carry their own spaces: join them as they are
     tok.add_special_tokens(SPECIALS)
@@ -775,9 +784,11 @@ def bench(cfg: ModelConfig, name, batch, seq, steps, device, dtype):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    line = (f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | B={batch} T={seq} | "
-            f"fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | peak {peak_memory_gib(device):6.2f} GiB")
-    peak = next((f for card, f in BF16_FLOPS.items() if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
+    line = (f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | "
+            f"B={batch} T={seq} | fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | "
+            f"peak {peak_memory_gib(device):6.2f} GiB")
+    peak = next((f for card, f in BF16_FLOPS.items()
+                 if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
     if peak and dtype == torch.bfloat16:
         print(line + f" | MFU {train_flops(cfg, n_params, seq) * batch * seq / dt / peak:5.1%}")
     else:

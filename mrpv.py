@@ -244,7 +244,8 @@ def judged(p: Parsed, routes: list[Route]) -> list[tuple[bool, bool | None]]:
     """Per shown route: whether its verdict is right (sound or wrong), and, for a wrong route whose first
     wrong step is known, whether the verdict names that step (None for the other routes)."""
     said = [p.verdicts.get(k, "missing") for k in range(1, len(routes) + 1)]
-    return [(s != "missing" and (s is None) == r.correct, s == r.first_wrong if not r.correct and r.first_wrong else None)
+    return [(s != "missing" and (s is None) == r.correct,
+             s == r.first_wrong if not r.correct and r.first_wrong else None)
             for s, r in zip(said, routes)]
 
 
@@ -292,7 +293,8 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
         ok = [right for right, _ in marks]
         if w.consistent:  # choice 6: "sound" only for a route reaching the model's own answer, "wrong" otherwise
             theirs = [parse(route_text(r, layout)).answer for r in routes]
-            ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine))) for o, s, a in zip(ok, said, theirs)]
+            ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine)))
+                  for o, s, a in zip(ok, said, theirs)]
         verdict = sum(ok) / K
         located = [named and o for (_, named), o in zip(marks, ok) if named is not None]
         if located and w.step > 0:

@@ -194,7 +194,8 @@ def generate(model, prompts, n=1, max_new_tokens=64, temperature=1.0, top_k=0, t
     done = torch.zeros(N, dtype=torch.bool, device=device)  # stopped on an end token
     live = slice(None)  # the rows still in the batch: all of them, then a (R,) index once finished rows left (choice 3)
     for t in range(max_new_tokens):
-        tok, lp = sample(logits, temperature, top_k, top_p, generators, None if isinstance(live, slice) else live, N)  # (R,)
+        tok, lp = sample(logits, temperature, top_k, top_p, generators,
+                         None if isinstance(live, slice) else live, N)  # (R,)
         ended = done[live]  # (R,): rows that finished before this step are not touched
         out[live, t] = tok.masked_fill(ended, pad_id)
         logprobs[live, t] = lp.masked_fill(ended, 0.0)
@@ -280,7 +281,8 @@ def logprob_error(model, prompts, samples, every=8):
 def bench(model, name, batches, new_tokens, prompt_len, naive_max, compile=False):
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    peak = next((bw for card, bw in HBM_BYTES_PER_S.items() if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
+    peak = next((bw for card, bw in HBM_BYTES_PER_S.items()
+                 if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
     g = torch.Generator().manual_seed(0)
     for B in batches:
         prompts = torch.randint(0, model.config.vocab_size, (B, prompt_len), generator=g).tolist()
@@ -288,11 +290,13 @@ def bench(model, name, batches, new_tokens, prompt_len, naive_max, compile=False
             generate(model, prompts, max_new_tokens=T, temperature=0, compile=compile)  # warm-up (and compile)
             sync()
             t0 = time.perf_counter()
-            out = generate(model, prompts, max_new_tokens=T, temperature=0, compile=compile)  # no end token: every row runs T steps
+            # no end token: every row runs T steps
+            out = generate(model, prompts, max_new_tokens=T, temperature=0, compile=compile)
             sync()
             dt = time.perf_counter() - t0
             cached = B * T / dt
-            line = f"{name:>12} | B={B:<3} prompt={prompt_len} new={T:<4} | {'compiled' if compile else 'cache'} {cached:9.1f} tok/s"
+            line = (f"{name:>12} | B={B:<3} prompt={prompt_len} new={T:<4} | "
+                    f"{'compiled' if compile else 'cache'} {cached:9.1f} tok/s")
             line += f" | mean |log-prob - full forward's| {logprob_error(model, prompts, out):.4f}"
             if device.type == "cuda":  # memory-bound decode: bytes read per step over the step's time
                 slots = prompt_len + T if compile else prompt_len + T / 2  # static: all slots; else the filled ones
@@ -311,7 +315,8 @@ def bench(model, name, batches, new_tokens, prompt_len, naive_max, compile=False
 
 
 def run_bench(args, device):
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch {torch.__version__}, "
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, greedy, {'bfloat16' if device.type == 'cuda' else 'float32'}"
           f"{', --compile' if args.compile else ''}")
     cpu, dtype = device.type == "cpu", (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -369,10 +374,13 @@ if __name__ == "__main__":
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench", action="store_true", help="tokens/s of the cache sampler against the recompute loop")
-    b.add_argument("--batches", type=ints, default=None, help="batch sizes, comma-separated (default 1,32; 1,4 for the 0.5B shape on CPU)")
-    b.add_argument("--new-tokens", type=ints, default=None, help="new tokens, comma-separated (default 128,512; 32 for the 0.5B shape on CPU)")
+    b.add_argument("--batches", type=ints, default=None,
+                   help="batch sizes, comma-separated (default 1,32; 1,4 for the 0.5B shape on CPU)")
+    b.add_argument("--new-tokens", type=ints, default=None,
+                   help="new tokens, comma-separated (default 128,512; 32 for the 0.5B shape on CPU)")
     b.add_argument("--prompt-len", type=int, default=32, help="prompt length of the benchmark's random prompts")
-    b.add_argument("--naive-max", type=int, default=4096, help="run the recompute loop only where batch * new tokens <= this")
+    b.add_argument("--naive-max", type=int, default=4096,
+                   help="run the recompute loop only where batch * new tokens <= this")
     b.add_argument("--only", help="benchmark only these default models, comma-separated: tiny, qwen2.5-0.5b, "
                                   "qwen2.5-1.5b (default: the first two)")
     b.add_argument("--compile", action="store_true", help="decode through torch.compile (+ a CUDA graph on CUDA)")

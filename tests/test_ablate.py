@@ -48,9 +48,11 @@ def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
 
 def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     out = tmp_path / "ab"
-    train.main(["--stage", "ablate", "--arms", "distill,grpo", "--seeds", "1", "--eval-splits", "test,hard", "--out", str(out), *TINY])
+    train.main(["--stage", "ablate", "--arms", "distill,grpo", "--seeds", "1", "--eval-splits", "test,hard",
+                "--out", str(out), *TINY])
     runs = lines(out / "runs.jsonl")
-    assert [r["key"] for r in runs][0] == ["guided", 0] and sorted(r["key"][0] for r in runs) == ["distill", "grpo", "guided"]
+    assert [r["key"] for r in runs][0] == ["guided", 0]
+    assert sorted(r["key"][0] for r in runs) == ["distill", "grpo", "guided"]
     grpo = next(r for r in runs if r["key"][0] == "grpo")["commands"]
     # the arm's own flags and the ablate command's other flags, from the seed's distilled start
     assert f"--init {out / 'seed0' / 'distill'}" in grpo[0] and "--routes none --reward answer" in grpo[0]
@@ -62,10 +64,13 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
         ev = [e for e in lines(out / "seed0" / r["arm"] / "eval.jsonl") if e["split"] == r["split"]][-1]
         assert (r["acc_autonomous"], r["acc_with_routes"], r["n"]) == (ev["acc_autonomous"], ev["acc_with_routes"], 4)
         assert r["verdict_acc"] == ev["verdict_acc"] and 0 <= r["verdict_acc"] <= 1
-        parts = {k: v for k, v in ev.items() if k.endswith(("_taught", "_route_only")) or k.startswith("n_") or k == "route_only"}
+        parts = {k: v for k, v in ev.items()
+                 if k.endswith(("_taught", "_route_only")) or k.startswith("n_") or k == "route_only"}
         assert "acc_with_routes_route_only" in parts and all(r[k] == v for k, v in parts.items())  # each part, copied
-        assert r["right_autonomous"] == ev["right_autonomous"] and r["right_autonomous"].count("1") == 4 * r["acc_autonomous"]
-        assert (r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0)) or r["arm"] == "grpo"
+        assert r["right_autonomous"] == ev["right_autonomous"]
+        assert r["right_autonomous"].count("1") == 4 * r["acc_autonomous"]
+        assert ((r["updates"], r["autonomous_updates"]) == ((2, 0) if r["arm"] == "grpo" else (0, 0))
+                or r["arm"] == "grpo")
     grpo_row = next(r for r in results if r["arm"] == "grpo")  # no routes at all: every update autonomous
     lrs = [m["lr"] for m in lines(out / "seed0" / "grpo" / "metrics.jsonl")]
     # exact: ablate sums the same lr values read from the same file, in the same order
@@ -80,7 +85,8 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     assert f"; route-only {gain('route_only'):+.1f} [" in table
     assert f"| grpo | 1 | {100 * (acc['grpo', 'test'] - acc['distill', 'test']):+.1f} [" in table  # taught alone, first
     n = (start["n_taught"], start["n_route_only"])
-    assert "Each arm minus grpo" in table and "| 2.0 (" in table and f"## test: 4 problems ({n[0]} taught, {n[1]} route-only)" in table
+    assert ("Each arm minus grpo" in table and "| 2.0 (" in table
+            and f"## test: 4 problems ({n[0]} taught, {n[1]} route-only)" in table)
     assert "## hard: 4 problems" in table and "ReaLM's links" not in table  # grpo's 2 autonomous updates; no realm arm
     assert len(lines(out / "seed0" / "grpo" / "metrics.jsonl")) == 2  # 2 rl steps, no in-loop eval
 
@@ -116,12 +122,16 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
     assert fails("--temperature", "-1") == "error: argument --temperature: must be > 0 (got -1)"  # a train.py flag
     assert fails("--no-such-flag") == "error: unrecognized arguments: --no-such-flag"
     assert fails("--init", "x") == "error: --init: the ablation sets it for each run (it runs on the embedded domain)"
-    assert fails("--show", "3") == "error: --show: is for train.py --stage eval (the ablation's evaluations score every problem)"
-    assert fails("--out", str(tmp_path / "b"), "--resume") == f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
+    assert fails("--show", "3") == \
+        "error: --show: is for train.py --stage eval (the ablation's evaluations score every problem)"
+    assert fails("--out", str(tmp_path / "b"), "--resume") == \
+        f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
     (tmp_path / "old").mkdir()  # a folder of an earlier version: its starts have another domain and format
-    (tmp_path / "old" / "ablate.json").write_text(json.dumps({"command": "python ablate.py --quick", "argv": ["--quick"]}))
+    (tmp_path / "old" / "ablate.json").write_text(
+        json.dumps({"command": "python ablate.py --quick", "argv": ["--quick"]}))
     assert fails("--out", str(tmp_path / "old"), "--resume") == \
-        f"error: --resume: {tmp_path / 'old' / 'ablate.json'} was made by an earlier version (before the route-only rule); start a new ablation"
+        f"error: --resume: {tmp_path / 'old' / 'ablate.json'} was made by an earlier version " \
+        "(before the route-only rule); start a new ablation"
     # a distillation that fails (a budget of 0 problems): its arms never start, the error names its log
     msg = fails("--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
     assert msg.startswith("error: 1 run(s) failed and 1 did not start; first: ") and "no SFT example" in msg
@@ -132,9 +142,11 @@ def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path, monk
     monkeypatch.setattr(ablate, "DEFAULT_START", tmp_path / "no-start")  # no distillation made before: it runs here
     args, rest, rl = ablate.get_args(["--quick"])
     assert (args.seeds, args.arms, args.splits, args.reused) == (1, list(ablate.QUICK_ARMS), ["test"], {})
-    assert ablate.get_args([])[0].splits == ["test"] and ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
+    assert ablate.get_args([])[0].splits == ["test"]
+    assert ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
     assert args.distill_steps == ablate.get_args([])[0].distill_steps == train.STAGE_DEFAULTS["distill"]["steps"]
-    assert (rl.steps, ablate.get_args([])[2].steps, ablate.get_args(["--quick", "--steps", "9"])[2].steps) == (ablate.QUICK_RL_STEPS, 60, 9)
+    assert (rl.steps, ablate.get_args([])[2].steps,
+            ablate.get_args(["--quick", "--steps", "9"])[2].steps) == (ablate.QUICK_RL_STEPS, 60, 9)
     assert ablate.get_args([])[0].arms == list(ablate.DEFAULT_ARMS) and ablate.get_args([])[0].seeds == 5
     runs = ablate.runs_of(args, rest, rl, tmp_path)
     assert [r.key[0] for r in sorted(runs, key=ablate.order)] == ["guided", "cot-synth", "realm", "grpo", "distill"]
@@ -174,7 +186,8 @@ def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):
     assert [r.key for r in sorted(runs, key=ablate.order)] == [("guided", 0), ("realm", 0), ("grpo", 0),
                                                                 ("guided", 1), ("realm", 1), ("grpo", 1)]
     realm_rl, grpo_rl = (next(r for r in runs if r.key == (a, 0)).cmds[0] for a in ("realm", "grpo"))
-    assert ablate.handover(rl) == 15 and realm_rl[-6:] == ["--eval-every", "5", "--eval-n", "1000", "--eval-splits", "test"]
+    assert ablate.handover(rl) == 15
+    assert realm_rl[-6:] == ["--eval-every", "5", "--eval-n", "1000", "--eval-splits", "test"]
     assert "--eval-every" not in grpo_rl and grpo_rl[grpo_rl.index("--eval-n") + 1] == "0"
     got = train.get_args(realm_rl[2:])  # the command as train.py reads it: the arm's flags win
     assert (got.eval_every, got.eval_n, got.eval_splits, got.steps) == (5, 1000, "test", 30)
@@ -183,29 +196,39 @@ def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):
 def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path):
     """Hand-written result lines: the paper's comparisons read the route-only problems alone (a taught problem
     that would change them is left out), and ReaLM's links come from its RL run's evaluation lines."""
-    args, rest, rl = ablate.get_args(["--arms", "distill,grpo,cot-synth,realm", "--seeds", "2", "--eval-splits", "test"])
-    right = {"distill": ("1100", "1101"), "grpo": ("1100", "1100"), "cot-synth": ("1110", "1110"), "realm": ("0111", "0011")}
+    args, rest, rl = ablate.get_args(["--arms", "distill,grpo,cot-synth,realm", "--seeds", "2",
+                                      "--eval-splits", "test"])
+    right = {"distill": ("1100", "1101"), "grpo": ("1100", "1100"), "cot-synth": ("1110", "1110"),
+             "realm": ("0111", "0011")}
     for s in range(2):
         for arm, (alone, routes) in right.items():
             acc = lambda bits, part: bits[2:].count("1") / 2 if part == "route_only" else bits[:2].count("1") / 2
-            train.log(tmp_path / "results.jsonl", arm=arm, seed=s, split="test", n=4, route_only="0011", n_taught=2, n_route_only=2,
-                      right_autonomous=alone, right_with_routes=routes, acc_autonomous=alone.count("1") / 4,
-                      acc_with_routes=routes.count("1") / 4, verdict_acc=0.5, autonomous_updates=0, autonomous_lr_sum=0.0,
-                      **{f"acc_{k}_{p}": acc(b, p) for k, b in (("autonomous", alone), ("with_routes", routes)) for p in ("taught", "route_only")},
+            train.log(tmp_path / "results.jsonl", arm=arm, seed=s, split="test", n=4, route_only="0011", n_taught=2,
+                      n_route_only=2, right_autonomous=alone, right_with_routes=routes,
+                      acc_autonomous=alone.count("1") / 4, acc_with_routes=routes.count("1") / 4, verdict_acc=0.5,
+                      autonomous_updates=0, autonomous_lr_sum=0.0,
+                      **{f"acc_{k}_{p}": acc(b, p) for k, b in (("autonomous", alone), ("with_routes", routes))
+                         for p in ("taught", "route_only")},
                       **{f"verdict_acc_{p}": 0.5 for p in ("taught", "route_only")})
             train.log(tmp_path / "runs.jsonl", key=[arm, s], minutes=1.0)
         (tmp_path / f"seed{s}" / "realm").mkdir(parents=True)
         for step in (0, 12, 24, 36, 48, 60):  # the realm arm's evaluations during RL, with an rl line between them
-            train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", step=step, split="test", acc_with_routes_route_only=step / 100 + s / 10,
+            train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", step=step, split="test",
+                      acc_with_routes_route_only=step / 100 + s / 10,
                       verdict_acc_route_only=0.5, acc_autonomous_route_only=0.0, acc_autonomous_taught=1.0)
             train.log(tmp_path / f"seed{s}" / "realm" / "metrics.jsonl", stage="rl", step=step + 1, reward=0.5)
     paper = ablate.write_table(tmp_path, args, rl, "python ablate.py")
     table = (tmp_path / "results.md").read_text()
     assert len(paper) == 2 and all(f"**{line}**." in table for line in paper)  # what the ablation prints at its end
-    # route-only with routes: realm '11', '11' against cot-synth '10', '10' (all four problems: realm 3/4 + 2/4 against 3/4 + 3/4)
+    # route-only with routes: realm '11', '11' against cot-synth '10', '10' (all four problems: realm 3/4 + 2/4
+    # against 3/4 + 3/4)
     assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
-    assert "**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points (paired over 2 seed(s); the paper: +2.6)**." in table  # '11' against '00'
-    assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table  # minus distill, taught: '01', '00' against '11', '11'
+    # '11' against '00'
+    assert ("**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points "
+            "(paired over 2 seed(s); the paper: +2.6)**." in table)
+    # minus distill, taught: '01', '00' against '11', '11'
+    assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table
     assert "EAAI's signal reaches 0 at step 36" in table
-    assert "| 36 | hand-over | 2 | 41.0 ± 7.1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table  # (0.36, 0.46): std 0.0707
+    # (0.36, 0.46): std 0.0707
+    assert "| 36 | hand-over | 2 | 41.0 ± 7.1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table
     assert "| 0 | the start (after SFT) | 2 |" in table and "| 24 | routes shown |" in table and "| 60 | end |" in table

@@ -24,21 +24,26 @@ QWEN25 = (
     '    {%- else %}\n'
     "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
     '    {%- endif %}\n'
-    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
+    'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
     '    {%- for tool in tools %}\n'
     '        {{- "\\n" }}\n'
     '        {{- tool | tojson }}\n'
     '    {%- endfor %}\n'
-    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
     '{%- else %}\n'
     "    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
     '    {%- else %}\n'
-    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}\n"
     '    {%- endif %}\n'
     '{%- endif %}\n'
     '{%- for message in messages %}\n'
-    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}\n'
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) '
+    'or (message.role == "assistant" and not message.tool_calls) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
     '    {%- elif message.role == "assistant" %}\n'
     "        {{- '<|im_start|>' + message.role }}\n"
@@ -106,7 +111,8 @@ LLAMA31 = (
     '{{- system_message }}\n'
     '{{- "<|eot_id|>" }}\n'
     '{%- for message in messages %}\n'
-    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+    "+ '<|eot_id|>' }}\n"
     '{%- endfor %}\n'
     '{%- if add_generation_prompt %}\n'
     "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
@@ -114,26 +120,33 @@ LLAMA31 = (
 )
 
 LLAMA30 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n"
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n"
     '\n'
-    "'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n"
+    "'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n"
     '\n'
     "' }}{% endif %}"
 )
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-LLAMA_HEAD = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA_HEAD = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+              "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
 Q1, Q2 = "What is 2+2?\n", "  Two lines\nof text \n"  # prompts as the project writes them: a trailing newline
 CHATML_USER = {Q1: "<|im_start|>user\nWhat is 2+2?\n<|im_end|>\n<|im_start|>assistant\n",
                Q2: "<|im_start|>user\n  Two lines\nof text \n<|im_end|>\n<|im_start|>assistant\n"}
 EXPECTED = {  # template -> {(prompt, system): apply_chat_template's text}
     "SMOLLM2": {(Q1, None): SMOL_SYSTEM + CHATML_USER[Q1], (Q2, None): SMOL_SYSTEM + CHATML_USER[Q2],
-                ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
+                ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n"
+                                      "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
     "QWEN25": {(Q1, None): QWEN_SYSTEM + CHATML_USER[Q1], (Q2, None): QWEN_SYSTEM + CHATML_USER[Q2],
-               ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
+               ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n"
+                                     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
     "CHATML": {(Q1, None): CHATML_USER[Q1], (Q2, None): CHATML_USER[Q2],
-               ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
+               ("Hi", "Be brief. "): "<|im_start|>system\nBe brief. <|im_end|>\n"
+                                     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"},
     "LLAMA31": {
         (Q1, None): LLAMA_HEAD + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
                                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -147,7 +160,8 @@ EXPECTED = {  # template -> {(prompt, system): apply_chat_template's text}
         (Q2, None): "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTwo lines\nof text<|eot_id|>"
                     "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ("Hi", "Be brief. "): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+                              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                              "<|start_header_id|>assistant<|end_header_id|>\n\n"},
 }
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -166,7 +180,8 @@ def tokenizer_folder(path, template, where="config", eos="<|im_end|>", gen_eos=N
         (path / "chat_template.jinja").write_text(template)
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     if gen_eos is not None:
-        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.tok.token_to_id(t) for t in gen_eos]}))
+        (path / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [tok.tok.token_to_id(t) for t in gen_eos]}))
     return tok
 
 
@@ -184,11 +199,13 @@ def test_chat_renders_like_apply_chat_template(tmp_path, name, where):
 
 def test_default_system_prompts_read_off_the_templates(tmp_path):
     expected = {"SMOLLM2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-                "QWEN25": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",  # not "' + messages[0]['content'] + '"
+                # not "' + messages[0]['content'] + '"
+                "QWEN25": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                 "CHATML": None}
     for name, system in expected.items():
         assert M.chatml_system(globals()[name]) == system, name
-    assert M.chatml_system("{{ \"<|im_start|>system\\nTwo\\nlines<|im_end|>\\n\" }}") == "Two\nlines"  # double quotes, \n escapes
+    # double quotes, \n escapes
+    assert M.chatml_system("{{ \"<|im_start|>system\\nTwo\\nlines<|im_end|>\\n\" }}") == "Two\nlines"
 
 
 @pytest.mark.parametrize("where", ["config", "jinja"])

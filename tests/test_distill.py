@@ -50,7 +50,8 @@ def test_changing_the_prompt_changes_no_loss_term():
 def test_route_bank_round_trips_through_jsonl(tmp_path):
     problems, banks = distill.embedded_set("train", 30, R=3)
     assert all(sum(r.correct for r in b) == 3 and sum(not r.correct for r in b) == 3 for b in banks)
-    D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
+    D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)],
+                 tmp_path / "bank.jsonl")
     back = D.load_jsonl(tmp_path / "bank.jsonl")
     assert [b.routes for b in back] == banks and [b.answer for b in back] == [p.answer for p in problems]
     unguided = distill.embedded_set("train", 30, R=3, guided=False)[1]
@@ -61,13 +62,16 @@ def test_diverse_right_routes_differ_and_stay_right():
     import re
     problems, banks = distill.embedded_set("train", 100, R=3, diverse=True)
     rights = [[r for r in b if r.correct] for b in banks]
-    assert all(len(r) == 3 and all(D.check(mrpv.parse(x.text).answer, p.answer) for x in r) for p, r in zip(problems, rights))
-    assert sum(len({x.text for x in r}) > 1 for r in rights) > 50  # most problems hold two or more distinct right routes
+    assert all(len(r) == 3 and all(D.check(mrpv.parse(x.text).answer, p.answer) for x in r)
+               for p, r in zip(problems, rights))
+    # most problems hold two or more distinct right routes
+    assert sum(len({x.text for x in r}) > 1 for r in rights) > 50
     for r in rights:
         for line in "\n".join(x.text for x in r).split("\n"):
             if m := re.search(r"(\d+) \+ (\d+) = (\d+)", line):
                 assert int(m[1]) + int(m[2]) == int(m[3])
-    assert all(len({x.text for x in b if x.correct}) == 1 for b in distill.embedded_set("train", 30, R=3)[1])  # default: copies
+    # default: copies
+    assert all(len({x.text for x in b if x.correct}) == 1 for b in distill.embedded_set("train", 30, R=3)[1])
 
 
 def test_micro_batches_sort_and_respect_the_token_budget():
@@ -150,7 +154,8 @@ def test_sft_examples_mix_both_formats():
     ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), True, sv, keep_error=True)
     shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
     assert all("Answer :" not in t for t in shown)  # routes without their answer lines
-    assert all(mrpv.parse(r).layout.startswith("S") and mrpv.parse(r).layout.endswith("AV" + "V" * (t.count("Route ") - 1))
+    assert all(mrpv.parse(r).layout.startswith("S")
+               and mrpv.parse(r).layout.endswith("AV" + "V" * (t.count("Route ") - 1))
                for t, r in zip(shown, said))  # own steps and answer, then a verdict per route
     assert sum(r.count("sound") for r in said) < cut_sound  # cut wrong routes stay wrong with keep_error
 
@@ -162,7 +167,8 @@ TINY = ["--steps", "40", "--batch-size", "8", "--budget", "100", "--eval-n", "21
 def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     out = tmp_path / "distill"
     train.main(["--stage", "distill", "--out", str(out), "--eval-every", "20", "--micro-tokens", "600", *TINY])
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl", "routes.jsonl"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl",
+                 "routes.jsonl"):
         assert (out / name).is_file(), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -174,7 +180,8 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     m, tok = M.load_model(out, "cpu"), M.load_tokenizer(out)
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
     assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
-    bank = D.load_jsonl(out / "routes.jsonl")  # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
+    # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
+    bank = D.load_jsonl(out / "routes.jsonl")
     r5 = f" + {D.ROUTE_RULES['deliver']} = "
     assert len(bank) == 200 and sum("deliver" in p.routes[0].text and r5 in p.routes[0].text for p in bank) >= 90
     assert all(r.get("n_taught", 0) + r.get("n_route_only", 0) == 21 for r in evals)
@@ -191,21 +198,26 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
             train.main(list(argv))
         return str(e.value.code)
 
-    assert fails("--stage", "eval", "--init", str(tmp_path / "nope")) == f"error: {tmp_path / 'nope'}: no config.json (expected a Hugging Face model folder)"
+    assert fails("--stage", "eval", "--init", str(tmp_path / "nope")) == \
+        f"error: {tmp_path / 'nope'}: no config.json (expected a Hugging Face model folder)"
     assert fails("--stage", "eval") == "error: --stage eval needs --init DIR (a checkpoint folder, e.g. out/distill)"
-    assert fails("--stage", "distill", "--data", str(tmp_path / "x.jsonl")) == f"error: {tmp_path / 'x.jsonl'}: no such file"
+    assert fails("--stage", "distill", "--data", str(tmp_path / "x.jsonl")) == \
+        f"error: {tmp_path / 'x.jsonl'}: no such file"
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "precious.txt").write_text("do not delete")
     msg = fails("--stage", "distill", "--out", str(tmp_path / "keep"), *TINY)
     assert "is not a run folder" in msg and (tmp_path / "keep" / "precious.txt").exists()
-    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q", "answer": "1", "routes": [{"text": "x", "correct": False}]}) + "\n")
-    assert "no SFT example" in fails("--stage", "distill", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"))
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"question": "q", "answer": "1", "routes": [{"text": "x", "correct": False}]}) + "\n")
+    assert "no SFT example" in fails("--stage", "distill", "--data", str(tmp_path / "d.jsonl"),
+                                     "--out", str(tmp_path / "o"))
 
 
 def test_checkpoint_teacher_writes_a_labelled_bank(tmp_path):
     tok = D.tokenizer()
     torch.manual_seed(0)
-    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=512)
+    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        max_position_embeddings=512)
     M.save_model(M.Transformer(cfg), tmp_path / "teacher", tok)
     teacher = M.load_model(tmp_path / "teacher", "cpu")
     problems = D.split("dev", 3)
@@ -221,7 +233,8 @@ def test_distill_from_a_checkpoint_on_jsonl_data(tmp_path):
     """The real-data path: --init a Hugging Face folder, --data a JSONL route bank, --eval-data JSONL."""
     tok = D.tokenizer()
     torch.manual_seed(0)
-    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=512)
+    cfg = M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        max_position_embeddings=512)
     M.save_model(M.Transformer(cfg), tmp_path / "student", tok)
     problems, banks = distill.embedded_set("train", 20, 2)
     D.save_jsonl([D.Problem(p.question, p.answer, None, b) for p, b in zip(problems, banks)], tmp_path / "bank.jsonl")
@@ -238,16 +251,20 @@ def test_the_distillation_sees_taught_problems_and_reading_drills_only(monkeypat
     reading drills: deliveries to the asked item in worlds where a delivery adds 1..6 (R5's 3 a sixth of them)."""
     seen, batches = [], []
     real, real_step = distill.sft_examples, distill.sft_step
-    monkeypatch.setattr(distill, "sft_examples", lambda problems, *a, **k: seen.append(problems) or real(problems, *a, **k))
-    monkeypatch.setattr(distill, "sft_step", lambda model, batch, *a: batches.append(batch) or real_step(model, batch, *a))
-    train.main(["--stage", "distill", "--out", str(tmp_path / "d"), *TINY, "--steps", "3", "--mrpv-from", "0", "--mrpv-share", "1",
-                "--eval-n", "0"])
+    monkeypatch.setattr(distill, "sft_examples",
+                        lambda problems, *a, **k: seen.append(problems) or real(problems, *a, **k))
+    monkeypatch.setattr(distill, "sft_step",
+                        lambda model, batch, *a: batches.append(batch) or real_step(model, batch, *a))
+    train.main(["--stage", "distill", "--out", str(tmp_path / "d"), *TINY, "--steps", "3", "--mrpv-from", "0",
+                "--mrpv-share", "1", "--eval-n", "0"])
     assert len(seen) == 3 and all(len(ps) == 100 and not any(D.route_only(p) for p in ps) for ps in seen[:2])
-    assert all(D.route_only(p) for p in seen[2]) and any(not D.check(p.answer, D.problem_of(p.ledger).answer) for p in seen[2])
+    assert all(D.route_only(p) for p in seen[2])
+    assert any(not D.check(p.answer, D.problem_of(p.ledger).answer) for p in seen[2])
     tok = D.tokenizer()
     texts = [tok.decode(e[0] + e[1]) for b in batches for e in b]
     reading = [t for t in texts if re.search(r"^deliver ([A-D]) : \d+ \+ \d+ =", t, re.M)]
-    assert 0 < len(reading) < len(texts)  # with --mrpv-share 1: reading drills and taught MRPV examples, about half each
+    # with --mrpv-share 1: reading drills and taught MRPV examples, about half each
+    assert 0 < len(reading) < len(texts)
 
 
 def test_verdict_drills_restate_and_skip_the_step():
@@ -259,14 +276,17 @@ def test_verdict_drills_restate_and_skip_the_step():
         own = prompt.split("\n")[-2].split(" : ")[1]
         assert 1 <= len(heads) <= 3 and prompt.split("\n")[-2] == f"Answer : {own}"
         lines = response.split("\n")
-        assert [mrpv.parse(x).verdicts for x in lines] == [{k: None if h.endswith(f" {own}") else 0} for k, h in enumerate(heads, 1)]
+        assert [mrpv.parse(x).verdicts for x in lines] == [{k: None if h.endswith(f" {own}") else 0}
+                                                           for k, h in enumerate(heads, 1)]
         for k, (h, line) in enumerate(zip(heads, lines), 1):
             theirs = h.split(" : ")[1]
             assert line.startswith(f"Route {k} : {theirs} {mrpv.relation(theirs, own)} {own} -> ")
-        assert [tok.decode([r[j]]) for j in sorted(skip)] == ["\n"] * (sum("wrong" in x for x in lines[:-1])) + [""] * ("wrong" in lines[-1])
+        assert [tok.decode([r[j]]) for j in sorted(skip)] == \
+            ["\n"] * (sum("wrong" in x for x in lines[:-1])) + [""] * ("wrong" in lines[-1])
         x, y = distill.sft_batch([(p, r, skip)], tok.pad_id, "cpu")
         assert (y != -100).sum() == len(r) - len(skip)  # the skipped positions carry no loss
-    sounds = sum(r.count(tok.encode(" sound")[0]) for _, r, _ in drills) / sum(len(tok.decode(p).split("\n")) - 2 for p, _, _ in drills)
+    sounds = (sum(r.count(tok.encode(" sound")[0]) for _, r, _ in drills)
+              / sum(len(tok.decode(p).split("\n")) - 2 for p, _, _ in drills))
     assert 0.4 < sounds < 0.6
 
 
@@ -280,7 +300,8 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
     def completions(model, tok, ps, routes, max_new_tokens, layout):
         if not any(routes):
             return ["sell A 2 : garbage"] * len(ps)
-        return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}" for p, r in zip(ps, routes)]
+        return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}"
+                for p, r in zip(ps, routes)]
 
     monkeypatch.setattr(train, "completions", completions)
     alone = lambda model, tok, ps, n: [(p, D.teacher_route(p).text) for p in ps] + [(p, "garbage") for p in ps]

@@ -60,7 +60,8 @@ def test_route_only_half_of_every_split_and_what_it_means():
                 after = before + r5
                 want = f"deliver {asked} : {before} + {r5} = {after} -> {asked} = {after}"
                 assert lines[i] == want or "> 20" in lines[i]
-    assert any(D.route_only(p) and not D.teacher_route(p, guided=False).correct for p in problems)  # R5 is what a guess misses
+    # R5 is what a guess misses
+    assert any(D.route_only(p) and not D.teacher_route(p, guided=False).correct for p in problems)
     assert D.route_only(D.Problem("q", "1")) is None  # a JSONL problem has no ledger, so no part
 
 
@@ -245,6 +246,7 @@ def test_a_route_label_is_one_token_and_text_round_trips():
     tok = D.tokenizer()
     assert len(tok.encode("Route 3 :")) == 1 and len(tok.encode(" Route 3 :")) == 1
     assert tok.encode("Route 3 : 8") == tok.encode("Route 3 :") + tok.encode(" 8")
-    for text in ["Route 1 : 10 > 1 -> wrong at step 2\nRoute 2 : 1 = 1 -> sound", "Route 12 : 3", "Route 1 :\nAnswer : 4"]:
+    for text in ["Route 1 : 10 > 1 -> wrong at step 2\nRoute 2 : 1 = 1 -> sound", "Route 12 : 3",
+                 "Route 1 :\nAnswer : 4"]:
         assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode("Route 12 :")) == 3  # past 9 routes: the words one by one

@@ -75,7 +75,8 @@ def test_sequential_fade_moves_one_thing_at_a_time():
     def stats(t):
         hs = [ann.hint(t) for _ in range(3000)]
         shown = [x for x in hs if x.show]
-        return len(shown) / len(hs), sum(x.k for x in shown) / max(1, len(shown)), sum(x.frac for x in shown) / max(1, len(shown))
+        return (len(shown) / len(hs), sum(x.k for x in shown) / max(1, len(shown)),
+                sum(x.frac for x in shown) / max(1, len(shown)))
     assert stats(0) == (1.0, 3.0, 1.0)  # exact (also frac, k below): means of equal values that h sets by min / max
     show, k, frac = stats(15)  # h = 5/6: only the count moves
     assert show == 1.0 and 1.8 < k < 2.2 and frac == 1.0

@@ -15,10 +15,13 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "distill", "--steps", "0"], "error: argument --steps: must be >= 1 (got 0)"),
     (["--stage", "rl", "--steps", "ten"], "error: argument --steps: invalid int value: 'ten'"),
     (["--stage", "distill", "--batch-size", "0"], "error: argument --batch-size: must be >= 1 (got 0)"),
-    (["--stage", "rl", "--num-generations", "1"], "error: --num-generations must be >= 2 for grpo (a group of 1 has zero advantage) (got 1)"),
-    (["--stage", "rl", "--algo", "rft", "--num-generations", "0"], "error: argument --num-generations: must be >= 1 (got 0)"),
+    (["--stage", "rl", "--num-generations", "1"],
+     "error: --num-generations must be >= 2 for grpo (a group of 1 has zero advantage) (got 1)"),
+    (["--stage", "rl", "--algo", "rft", "--num-generations", "0"],
+     "error: argument --num-generations: must be >= 1 (got 0)"),
     (["--stage", "rl", "--prompts-per-step", "0"], "error: argument --prompts-per-step: must be >= 1 (got 0)"),
-    (["--stage", "rl", "--num-minibatches", "9"], "error: --num-minibatches must be at most --prompts-per-step (got 9)"),
+    (["--stage", "rl", "--num-minibatches", "9"],
+     "error: --num-minibatches must be at most --prompts-per-step (got 9)"),
     (["--stage", "rl", "--epsilon", "-1"], "error: argument --epsilon: must be >= 0 and <= 1 (got -1)"),
     (["--stage", "rl", "--epsilon-high", "-0.1"], "error: argument --epsilon-high: must be >= 0 (got -0.1)"),
     (["--stage", "rl", "--temperature", "0"], "error: argument --temperature: must be > 0 (got 0)"),
@@ -29,24 +32,29 @@ BAD = [  # (command line, what the one line says; "..." ends a prefix: argparse 
     (["--stage", "distill", "--mrpv-from", "-0.1"], "error: argument --mrpv-from: must be >= 0 and <= 1 (got -0.1)"),
     (["--stage", "distill", "--drills", "-1"], "error: argument --drills: must be >= 0 (got -1)"),
     (["--stage", "distill", "--reading", "2"], "error: argument --reading: must be >= 0 and <= 1 (got 2)"),
-    (["--stage", "distill", "--route-rule", "R6"], "error: argument --route-rule: invalid choice: 'R6' (choose from ..."),
+    (["--stage", "distill", "--route-rule", "R6"],
+     "error: argument --route-rule: invalid choice: 'R6' (choose from ..."),
     (["--stage", "rl", "--neg-share", "-0.5"], "error: argument --neg-share: must be >= 0 and <= 1 (got -0.5)"),
     (["--stage", "rl", "--eaai-decay", "2"], "error: argument --eaai-decay: must be >= 0 and <= 1 (got 2)"),
     (["--stage", "rl", "--eaai-hold", "0.5", "--eaai-decay", "0.6"],
      "error: --eaai-decay plus --eaai-hold must be at most 1 (both are shares of the steps) (got 0.6)"),
-    (["--stage", "rl", "--data", "x.jsonl", "--fresh-problems"], "error: --fresh-problems is for the embedded domain, not --data (got True)"),
+    (["--stage", "rl", "--data", "x.jsonl", "--fresh-problems"],
+     "error: --fresh-problems is for the embedded domain, not --data (got True)"),
     (["--stage", "rl", "--K", "0"], "error: argument --K: must be >= 1 (got 0)"),
     (["--stage", "rl", "--w-verdict", "-1"], "error: argument --w-verdict: must be >= 0 (got -1)"),
     (["--stage", "rl", "--max-new-tokens", "0"], "error: argument --max-new-tokens: must be >= 1 (got 0)"),
     (["--stage", "eval", "--eval-n", "-1"], "error: argument --eval-n: must be >= 0 (got -1)"),
-    (["--stage", "eval", "--eval-splits", "test,train"], "error: --eval-splits: unknown split 'train' (dev, test, hard)"),
+    (["--stage", "eval", "--eval-splits", "test,train"],
+     "error: --eval-splits: unknown split 'train' (dev, test, hard)"),
     (["--stage", "eval", "--eval-splits", ","], "error: --eval-splits: no split given (dev, test, hard)"),
     (["--stage", "rl", "--device", "gpu0"], "error: --device 'gpu0' is not a device (auto, cpu, cuda, cuda:N)"),
-    (["--stage", "rl", "--loss-type", "group"], "error: argument --loss-type: invalid choice: 'group' (choose from ..."),
+    (["--stage", "rl", "--loss-type", "group"],
+     "error: argument --loss-type: invalid choice: 'group' (choose from ..."),
     (["--stage", "train"], "error: argument --stage: invalid choice: 'train' (choose from ..."),
     (["--steps", "3"], "error: the following arguments are required: --stage"),
     (["--stage", "rl", "--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
-    (["--stage", "ablate", "--arms", "grpo,nope"], f"error: --arms: unknown arm(s) nope (known: {', '.join(ablate.ARMS)})"),
+    (["--stage", "ablate", "--arms", "grpo,nope"],
+     f"error: --arms: unknown arm(s) nope (known: {', '.join(ablate.ARMS)})"),
     (["--stage", "ablate", "--jobs", "0"], "error: argument --jobs: must be >= 1 (got 0)"),
     (["--stage", "ablate", "--quick", "--eval-splits", ""], "error: --eval-splits: no split given (dev, test, hard)"),
     (["--stage", "ablate", "--temperature", "0"], "error: argument --temperature: must be > 0 (got 0)"),
@@ -73,12 +81,14 @@ def test_torchrun_processes_must_divide_the_prompts(monkeypatch):
 def test_bench_refuses_an_unknown_shape():
     with pytest.raises(SystemExit) as e:
         bench.main(["huge"])
-    assert str(e.value.code) == ("error: the first argument is a benchmark: a model shape (tiny, qwen2.5-0.5b, qwen2.5-1.5b) "
-                                 "for RL steps, then any train.py rl flags; or one of sft, sampler, compare")
+    assert str(e.value.code) == (
+        "error: the first argument is a benchmark: a model shape (tiny, qwen2.5-0.5b, qwen2.5-1.5b) "
+        "for RL steps, then any train.py rl flags; or one of sft, sampler, compare")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["compare", "no-such-commit", "--", "tiny"], "error: compare: 'no-such-commit' is not a commit of the repository at"),
+    (["compare", "no-such-commit", "--", "tiny"],
+     "error: compare: 'no-such-commit' is not a commit of the repository at"),
     (["compare", "HEAD"], "error: compare: name the benchmark after --, e.g. `python bench.py compare HEAD -- tiny`"),
     (["sft", "--steps", "3"], "error: the sft benchmark sets --stage, --steps, --eval-n and --out itself"),
     (["compare", "HEAD", "--rounds", "0", "--", "sft"], "error: argument --rounds: must be >= 1 (got 0)"),
@@ -114,6 +124,7 @@ def test_drills_only_where_they_fit():
     restated layout (train.reads, train.drills)."""
     args = lambda *a: train.get_args(["--stage", "distill", *a])
     assert train.reads(args()) and train.drills(args()) == 32
-    assert not train.reads(args("--unguided")) and not train.reads(args("--route-rule", "none")) and not train.reads(args("--reading", "0"))
+    assert (not train.reads(args("--unguided")) and not train.reads(args("--route-rule", "none"))
+            and not train.reads(args("--reading", "0")))
     assert train.drills(args("--no-restate")) == 0 and train.drills(args("--drills", "5")) == 5
     assert not train.reads(args("--data", "x.jsonl")) and train.drills(args("--data", "x.jsonl")) == 0

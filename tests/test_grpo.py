@@ -16,7 +16,8 @@ def test_group_advantages():
     assert torch.allclose(a[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
     assert torch.equal(a[4:], torch.zeros(4))  # an all-equal group carries no signal; exact: 0.5 - mean 0.5 is 0
     # float32 against exact halves: rtol 1e-6 is ~10 float32 roundings (means of 0 / 1 are exact anyway)
-    assert torch.allclose(group_advantages(r, n=4, scale=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]), rtol=1e-6, atol=0)
+    assert torch.allclose(group_advantages(r, n=4, scale=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]),
+                          rtol=1e-6, atol=0)
 
 
 def test_component_advantages_keep_verdict_luck_off_the_chain():
@@ -34,7 +35,8 @@ def test_component_advantages_keep_verdict_luck_off_the_chain():
     v = [x[2] for x in a]
     assert v == sorted(v) and v[0] < 0 < v[-1] and all(x[2] == x[3] for x in a)  # x[2], x[3]: one value, twice
     # below: Python floats from the same float32 advantage, weighted in another order: ~1e-16 apart; rel 1e-12
-    assert v[-1] == pytest.approx(0.5 * float(adv["verdict"][3]) / 0.6, rel=1e-12)  # weighted mean of verdict and format
+    # weighted mean of verdict and format
+    assert v[-1] == pytest.approx(0.5 * float(adv["verdict"][3]) / 0.6, rel=1e-12)
     # the answer's weight on the chain is the same whatever is shown: with or without verdicts
     alone = component_advantages({"answer": torch.tensor([1.0, 0, 0, 1]), "format": torch.ones(4)}, w, n=4)
     assert token_advantages(alone, w, 0, [False])[0] == pytest.approx(float(alone["answer"][0]) / 1.1, rel=1e-12)
@@ -129,7 +131,8 @@ def test_k3_kl_and_aggregation():
     adv = torch.tensor([1.0, 2.0])
     token, _ = grpo_loss(logp, logp, adv, mask, loss_type="token")
     seq, _ = grpo_loss(logp, logp, adv, mask, loss_type="sequence")
-    assert token.item() == pytest.approx(-(1 * 2 + 2 * 3) / 5, rel=1e-6) and seq.item() == pytest.approx(-(1 + 2) / 2, rel=1e-6)
+    assert token.item() == pytest.approx(-(1 * 2 + 2 * 3) / 5, rel=1e-6)
+    assert seq.item() == pytest.approx(-(1 + 2) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(logp, logp, adv, mask, loss_type="group")
 
@@ -144,8 +147,9 @@ def test_rl_steps_run_and_log_every_contract_key(tmp_path):
                 "--eval-n", "21", "--max-new-tokens", "8"])
     train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl"), "--steps", "3",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "21", "--max-new-tokens", "12"])
-    train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl2"), "--steps", "2", "--order", "solve-verify",
-                "--no-route-answers", "--advantages", "component", "--consistent", "--eaai-fade", "sequential", "--keep-errors",
+    train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl2"), "--steps", "2",
+                "--order", "solve-verify", "--no-route-answers", "--advantages", "component", "--consistent",
+                "--eaai-fade", "sequential", "--keep-errors",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "0", "--max-new-tokens", "12"])
     assert [json.loads(x)["step"] for x in (tmp_path / "rl2" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -165,7 +169,8 @@ def test_rl_without_a_route_bank_says_which_command_makes_one(tmp_path):
     import train
 
     tok = M.build_tokenizer(["A"])
-    M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1)),
+    M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1)),
                  tmp_path / "ckpt", tok)
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "rl", "--init", str(tmp_path / "ckpt"), "--out", str(tmp_path / "rl")])
@@ -225,7 +230,8 @@ def test_the_bfloat16_sampler_copy_takes_the_trained_weights():
     train.copy_weights(sampler, model)
     want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     got = sampler.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)  # exact: a cast, computed once each way
+    # exact: a cast, computed once each way
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # still tied
 
 
@@ -237,7 +243,8 @@ def test_eval_show_prints_prompts_responses_and_what_is_right(distilled, capsys)
     train.main(["--stage", "eval", "--init", str(distilled), "--eval-splits", "dev", "--eval-n", "20", "--show", "2",
                 "--max-new-tokens", "8"])
     out = capsys.readouterr().out
-    assert out.count("=== dev problem ") == 2 and out.count("=== the response") == 2 and out.count("=== what is right") == 2
+    assert (out.count("=== dev problem ") == 2 and out.count("=== the response") == 2
+            and out.count("=== what is right") == 2)
     assert "How many" in out and out.count("\nroute 1: ") == 2 and "(verdict " in out
     assert (log.read_text() if log.exists() else None) == before  # showing is not scoring: nothing appended
 
@@ -253,7 +260,8 @@ def test_resume_refuses_the_optimizer_of_another_model_layout(distilled, tmp_pat
     torch.save(state, out / "trainer_state.pt")
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "rl", "--out", str(out), "--resume"])
-    assert str(e.value.code).startswith(f"error: --resume: {out / 'trainer_state.pt'} holds the optimizer of an earlier version")
+    assert str(e.value.code).startswith(
+        f"error: --resume: {out / 'trainer_state.pt'} holds the optimizer of an earlier version")
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(distilled, tmp_path, monkeypatch):
@@ -333,8 +341,9 @@ def test_reference_model_rft_and_minibatches(distilled, tmp_path, monkeypatch):
     import train
 
     monkeypatch.setattr(mrpv, "reward", varied_reward)
+    # a rate that moves the ratio past the clip
     train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "kl"), "--beta", "0.5",
-                "--mu", "2", "--num-minibatches", "2", "--lr", "3e-3"] + RL_FLAGS)  # a rate that moves the ratio past the clip
+                "--mu", "2", "--num-minibatches", "2", "--lr", "3e-3"] + RL_FLAGS)
     rows = [r for r in rl_rows(tmp_path / "kl") if "stage" in r]
     assert rows[0]["kl"] > 0  # the second minibatch and the second epoch already differ from the reference
     assert any(r["clip_frac"] > 0 for r in rows)  # off-policy epochs: the clip engages
@@ -399,7 +408,8 @@ def test_rl_on_a_qwen_layout_checkpoint_with_gsm8k_jsonl_and_the_chat_format(tmp
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(d) for d in [
         {"question": "Tom has 3 apples . He buys 4 more . How many ?", "answer": "3 + 4 = 7 apples\n#### 7",
-         "routes": [{"text": "3 + 4 = 7\nAnswer : 7", "correct": True}, {"text": "3 + 4 = 8\nAnswer : 8", "correct": False}]},
+         "routes": [{"text": "3 + 4 = 7\nAnswer : 7", "correct": True},
+                    {"text": "3 + 4 = 8\nAnswer : 8", "correct": False}]},
         {"question": "Tom has 9 apples . How many ?", "answer": "#### 9"},
     ]) + "\n")
 
@@ -425,14 +435,18 @@ def test_fresh_problems_constant_lr_and_autonomous_steps(distilled, tmp_path, mo
     real = train.generate
     monkeypatch.setattr(train, "generate", lambda m, prompts, **k: seen.extend(prompts) or real(m, prompts, **k))
     train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "rl"), "--fresh-problems",
-                "--budget", "30", "--lr-schedule", "constant", "--warmup", "1", "--lr", "1e-4", "--eaai-decay", "0.5"] + RL_FLAGS)
+                "--budget", "30", "--lr-schedule", "constant", "--warmup", "1", "--lr", "1e-4",
+                "--eaai-decay", "0.5"] + RL_FLAGS)
     rows = [r for r in rl_rows(tmp_path / "rl") if r.get("stage") == "rl"]
     assert [r["lr"] for r in rows] == [1e-4] * 4  # exact: lr * 1.0 in Python floats
-    assert all(r["autonomous"] for r in rows if r["hint"] == 0) and not any(r["autonomous"] for r in rows if r["hint"] == 1)
-    assert rows[0]["hint"] == 1 and rows[-1]["hint"] == 0  # (in between, a step is autonomous when no prompt drew routes)
+    assert all(r["autonomous"] for r in rows if r["hint"] == 0)
+    assert not any(r["autonomous"] for r in rows if r["hint"] == 1)
+    # (in between, a step is autonomous when no prompt drew routes)
+    assert rows[0]["hint"] == 1 and rows[-1]["hint"] == 0
     tok = M.load_tokenizer(distilled)
     distilled_on = {p.question for p in D.load_jsonl(distilled / "routes.jsonl")}
-    asked = {next(x for x in tok.decode(p).split("\n") if x.startswith("Stock")) for p in seen}  # the question, wherever it is
+    # the question, wherever it is
+    asked = {next(x for x in tok.decode(p).split("\n") if x.startswith("Stock")) for p in seen}
     assert asked and not asked & distilled_on and asked <= {p.question for p in D.split("fresh", 30)}
 
 
@@ -447,7 +461,8 @@ def test_a_run_saved_before_the_layout_flags_resumes_as_it_ran(tmp_path):
     torch.save({"stage": "rl", "step": 2, "args": args}, tmp_path / "trainer_state.pt")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
     _, resumed = train.rl_resume(train.get_args(["--stage", "rl"]), tmp_path, 0)
-    assert (resumed.order, resumed.question_last, resumed.advantages, resumed.consistent) == ("verify-solve", False, "sample", False)
+    assert (resumed.order, resumed.question_last, resumed.advantages, resumed.consistent) == (
+        "verify-solve", False, "sample", False)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # lines after the checkpoint dropped
     now = vars(train.get_args(["--stage", "rl"]))
     torch.save({"stage": "rl", "step": 2, "args": now}, tmp_path / "trainer_state.pt")

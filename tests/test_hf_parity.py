@@ -61,7 +61,8 @@ def test_logits_match_transformers(tmp_path, case, style):
         M.save_model(ours, tmp_path / "ours")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
         assert type(back).__name__ == f"{family}ForCausalLM"
-        assert (back(tok).logits - ref).abs().max() <= 1e-4  # transformers both times, on our saved config: 1e-4 as above
+        # transformers both times, on our saved config: 1e-4 as above
+        assert (back(tok).logits - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("case", ["qwen2", "llama"])

@@ -46,7 +46,8 @@ def test_stacked_projections_save_and_load_under_hugging_face_names(tmp_path):
     m = M.Transformer(M.tiny_config(50, qkv_bias=True, architecture="Qwen2ForCausalLM"))
     M.save_model(m, tmp_path / "m")
     names = set(load_file(str(tmp_path / "m" / "model.safetensors")))
-    for part in ("self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+    for part in ("self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight"):
         assert f"model.layers.3.{part}" in names
     assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
     back = M.load_model(tmp_path / "m", device="cpu")
@@ -85,7 +86,8 @@ def test_llama3_rope_scaling_in_both_config_styles(ckpt):
         elif wavelen > low_wavelen:
             expected.append(f / s["factor"]); kinds.add("stretched")
         else:
-            a = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            a = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                 / (s["high_freq_factor"] - s["low_freq_factor"]))
             expected.append((1 - a) * f / s["factor"] + a * f); kinds.add("smoothed")
     assert kinds == {"kept", "stretched", "smoothed"}  # the test covers all three bands
     # float32 against this float64 recipe: a few roundings of 6e-8 each (8e-8 measured); rtol 1e-6 is
@@ -181,12 +183,14 @@ def test_save_then_load_is_exact(ckpt, tmp_path):
         a, b = m.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exact: a round trip
         # the saved config is the loaded one, with the tokenizer's end and padding ids
-        assert back.config == dataclasses.replace(m.config, eos_token_id=tokenizer.eos_ids[0], pad_token_id=tokenizer.pad_id)
+        assert back.config == dataclasses.replace(m.config, eos_token_id=tokenizer.eos_ids[0],
+                                                  pad_token_id=tokenizer.pad_id)
         tok = tokens_for(m, 2, 8)
         assert torch.equal(back(tok), m(tok))  # exact: the same weights, the same forward run twice
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["architectures"] == KINDS[kind]["architectures"] and cfg["model_type"] == KINDS[kind]["model_type"]
-        assert ("lm_head.weight" in load_file(str(out / "model.safetensors"))) == (not KINDS[kind]["tie_word_embeddings"])
+        assert ("lm_head.weight" in load_file(str(out / "model.safetensors"))) == (
+            not KINDS[kind]["tie_word_embeddings"])
         assert (out / "tokenizer.json").is_file()
 
 
@@ -325,7 +329,8 @@ def test_tokenizer_ids_and_chat_formats(tmp_path):
                               "assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert t.encode(t.chat("A", system=""), special=False)[:1] == [tok.tok.token_to_id("<|im_start|>")]
 
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|start_header_id|> Cutting Knowledge Date"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "<|start_header_id|> Cutting Knowledge Date"}))
     t = M.load_tokenizer(tmp_path)
     assert t.chat_format == "llama3" and t.eos_ids == [eot, im_end] and t.pad_id == 0
     assert t.chat("hi") == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + M.LLAMA3_SYSTEM +

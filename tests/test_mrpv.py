@@ -5,7 +5,8 @@ import pytest
 import domain as D
 import mrpv as P
 
-VS = P.Layout("verify-solve", question_last=False, restate=False)  # the other layout: verdicts first, the question first, plain verdicts
+# the other layout: verdicts first, the question first, plain verdicts
+VS = P.Layout("verify-solve", question_last=False, restate=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def rewards(r):
 
 
 def test_hand_written_completions(case):
-    """Verify-then-solve; the default layout's own table is in test_solve_then_verify_layout_and_routes_without_answers."""
+    """Verify-then-solve; the default layout's own table is in
+    test_solve_then_verify_layout_and_routes_without_answers."""
     p, pos, neg = case
     routes, s = [neg, pos], neg.first_wrong
     bad_steps = neg.text.replace("Answer", "Answers")  # the wrong route's steps, its answer line broken
@@ -38,12 +40,15 @@ def test_hand_written_completions(case):
         "all right": (P.teacher_response(routes, pos.text, VS), (1.0, 1.0, 1.0, 1.0, 1.0)),
         "right answer, wrong verdicts": (f"Route 1 : sound\nRoute 2 : wrong at step 1\n{pos.text}",
                                          (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
-        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text, VS), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
+        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text, VS),
+                                         (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
         "right verdicts, wrong step named": (f"Route 1 : wrong at step {s + 1}\nRoute 2 : sound\n{pos.text}",
                                              (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
-        "wrong without a step": (f"Route 1 : wrong\nRoute 2 : sound\n{pos.text}", (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
+        "wrong without a step": (f"Route 1 : wrong\nRoute 2 : sound\n{pos.text}",
+                                 (1.0, 1.0, 0.0, 1.0, round(1.6 / 2.1, 6))),
         "one verdict missing": (f"Route 2 : sound\n{pos.text}", (1.0, 0.5, 0.0, 0.0, round(1.25 / 2.1, 6))),
-        "no answer": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{bad_steps}", (0.0, 1.0, 1.0, 0.0, round(1.0 / 2.1, 6))),
+        "no answer": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{bad_steps}",
+                      (0.0, 1.0, 1.0, 0.0, round(1.0 / 2.1, 6))),
         "garbage": ("lorem ipsum", (0.0, 0.0, 0.0, 0.0, 0.0)),
     }
     for name, (completion, want) in table.items():
@@ -161,16 +166,20 @@ def test_solve_then_verify_layout_and_routes_without_answers(case):
     response = P.teacher_response(routes, pos.text, sv)
     mine, theirs = p.answer, neg.text.rsplit(" ", 1)[1]
     rel = "<" if int(theirs) < int(mine) else ">"
-    assert response == pos.text + f"\nRoute 1 : {theirs} {rel} {mine} -> wrong at step {neg.first_wrong}\nRoute 2 : {mine} = {mine} -> sound"
+    assert response == pos.text + (f"\nRoute 1 : {theirs} {rel} {mine} -> wrong at step {neg.first_wrong}"
+                                   f"\nRoute 2 : {mine} = {mine} -> sound")
     assert rewards(P.reward(response, p, routes, layout=sv)) == (1.0, 1.0, 1.0, 1.0, 1.0)
     assert P.reward(response, p, routes, layout=VS).format == 0.0  # the other order breaks the format, not the rest
     assert P.reward(P.teacher_response(routes, pos.text, VS), p, routes, layout=sv).format == 0.0
     s = neg.first_wrong
     table = {  # the default layout on hand-written completions
-        "right answer, wrong verdicts": (f"{pos.text}\nRoute 1 : sound\nRoute 2 : wrong at step 1", (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
-        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text), (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
+        "right answer, wrong verdicts": (f"{pos.text}\nRoute 1 : sound\nRoute 2 : wrong at step 1",
+                                         (1.0, 0.0, 0.0, 1.0, round(1.1 / 2.1, 6))),
+        "wrong answer, right verdicts": (P.teacher_response(routes, neg.text),
+                                         (0.0, 1.0, 1.0, 1.0, round(1.1 / 2.1, 6))),
         "no verdicts": (pos.text, (1.0, 0.0, 0.0, 0.0, round(1.0 / 2.1, 6))),
-        "verdicts, then steps": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{pos.text}", (1.0, 1.0, 1.0, 0.0, round(2.0 / 2.1, 6))),
+        "verdicts, then steps": (f"Route 1 : wrong at step {s}\nRoute 2 : sound\n{pos.text}",
+                                 (1.0, 1.0, 1.0, 0.0, round(2.0 / 2.1, 6))),
     }
     for name, (completion, want) in table.items():
         assert rewards(P.reward(completion, p, routes)) == want, name
@@ -180,10 +189,12 @@ def test_solve_then_verify_layout_and_routes_without_answers(case):
     assert "Answer" not in hidden and neg.text.split("\n")[0] in hidden
     assert P.build_prompt(p, routes).count("Answer :") == 2
     last = P.build_prompt(p, routes, P.Layout(question_last=True))
-    assert last == f"Route 1 : {theirs}\n{neg.text}\nRoute 2 : {mine}\n{pos.text}\n{p.question}\n"  # headers name results
+    # headers name results
+    assert last == f"Route 1 : {theirs}\n{neg.text}\nRoute 2 : {mine}\n{pos.text}\n{p.question}\n"
     plain = P.Layout(restate=False)
     assert P.build_prompt(p, routes, plain) == f"Route 1 :\n{neg.text}\nRoute 2 :\n{pos.text}\n{p.question}\n"
-    assert P.teacher_response(routes, pos.text, plain) == pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
+    assert P.teacher_response(routes, pos.text, plain) == \
+        pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
     assert rewards(P.reward(P.teacher_response(routes, pos.text, plain), p, routes)) == (1.0, 1.0, 1.0, 1.0, 1.0)
     assert P.build_prompt(p, [], P.Layout(question_last=True)) == p.question + "\n"
     tok = D.tokenizer()
@@ -240,7 +251,8 @@ def test_no_constant_verdict_beats_chance_with_errors_kept_in_view():
 
 
 def test_verdict_lines_of_tokens():
-    pieces = ["sell", " A", " 2", " : other\n", "Answer", " : 3\nRoute", " 1 : sound", "\n", "Route 2 : wrong at step 1"]
+    pieces = ["sell", " A", " 2", " : other\n", "Answer", " : 3\nRoute", " 1 : sound", "\n",
+              "Route 2 : wrong at step 1"]
     assert P.on_verdict_lines(pieces) == [False] * 6 + [True] * 3
     assert P.on_verdict_lines([]) == []
     assert P.on_verdict_lines(["garbage\n", "\n"]) == [False, False]
@@ -259,11 +271,13 @@ def test_restated_verdicts_compare_at_the_shown_depth(case):
     theirs, mine = shown.text.rsplit(" ", 1)[1], pos.text.split("\n")[k - 1].rsplit(" ", 1)[1]
     if shown.text != neg.text:
         assert P.build_prompt(p, [shown]).startswith(f"Route 1 : {theirs}\n")
-        assert P.verdict_line(1, shown, pos.text) == f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong at step {k}"
+        assert P.verdict_line(1, shown, pos.text) == \
+            f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong at step {k}"
         assert theirs != mine
     assert [P.relation(a, b) for a, b in (("8", "13"), ("13", "8"), ("5.0", "5"), ("Paris", " paris"), ("x", "y"))] == \
         ["<", ">", "=", "=", "vs"]
-    for line in ("Route 2 : 8 < 13 -> wrong at step 3", "Route 2 : Paris vs Rome -> wrong", "Route 2 : wrong at step 3"):
+    for line in ("Route 2 : 8 < 13 -> wrong at step 3", "Route 2 : Paris vs Rome -> wrong",
+                 "Route 2 : wrong at step 3"):
         assert P.parse(line).verdicts == {2: 3 if "step" in line else 0}
     assert P.parse("Route 2 : 8 13 -> sound").verdicts == {}  # no relation: not a verdict line
 
@@ -282,4 +296,5 @@ def test_restated_verdicts_of_free_form_answers_and_of_routes_without_answer_lin
     k = len(P.step_lines(neg.text))
     theirs, mine = P.result(P.route_text(neg, hidden)), P.step_lines(pos.text)[k - 1].rsplit(" ", 1)[1]
     assert P.build_prompt(q, [neg], hidden).startswith(f"Route 1 : {theirs}\n")
-    assert P.verdict_line(1, neg, pos.text, hidden).startswith(f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong")
+    assert P.verdict_line(1, neg, pos.text, hidden).startswith(
+        f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong")

@@ -136,7 +136,8 @@ def test_compiled_decode_samples_what_the_eager_one_does(lm):
         assert len(eager) == len(compiled) == 6
         for k, (s, c) in enumerate(zip(eager, compiled)):  # a static cache through torch.compile: other kernels
             i, j = divmod(k, 2)  # prompt i, sample j: row j * 3 + i of the one (6, V) noise draw a step
-            same = agree(lm, prompts[i], s.tokens, c.tokens, temperature, lambda step: race_noise(4, 6, step)[j * 3 + i])
+            same = agree(lm, prompts[i], s.tokens, c.tokens, temperature,
+                         lambda step: race_noise(4, 6, step)[j * 3 + i])
             assert max_diff(s.logprobs[:same], c.logprobs[:same]) <= LOGPROB_TOL
 
 
@@ -211,7 +212,8 @@ def test_edge_cases_and_errors(lm):
     assert generate(lm, [], max_new_tokens=5) == []
     s = generate(lm, [[5]], max_new_tokens=3, temperature=0)[0]
     assert isinstance(s, Sample) and len(s.tokens) == 3 and not s.stopped
-    with pytest.raises(ValueError, match=r"prompt 1 has 120 tokens; with max_new_tokens 10 that is 130 > the model's context of 128"):
+    with pytest.raises(ValueError, match=r"prompt 1 has 120 tokens; with max_new_tokens 10 that is 130 "
+                                         r"> the model's context of 128"):
         generate(lm, [[5] * 3, [5] * 120], max_new_tokens=10)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generate(lm, [[]], max_new_tokens=10)
@@ -232,8 +234,11 @@ def test_cli_samples_from_a_saved_checkpoint_and_refuses_bad_input(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True, timeout=120)
     ok = run("--model", str(tmp_path / "m"), "--prompt", "A = 3", "--prompt", "B", "--n", "2", "--max-new-tokens", "5")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.count("--- prompt") == 4 and "prompt 1, sample 1 (5 tokens, stopped on max-new-tokens)" in ok.stdout
+    assert ok.stdout.count("--- prompt") == 4
+    assert "prompt 1, sample 1 (5 tokens, stopped on max-new-tokens)" in ok.stdout
     bad = run("--model", str(tmp_path / "nowhere"), "--prompt", "x")
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no config.json (expected a Hugging Face model folder)"]
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'}: no config.json (expected a Hugging Face model folder)"]
     long = run("--model", str(tmp_path / "m"), "--prompt", " ".join(["A"] * 60), "--max-new-tokens", "10")
     assert long.returncode != 0 and "prompt 0 has 60 tokens" in long.stderr and "Traceback" not in long.stderr
