@@ -102,11 +102,11 @@ class Rules:
     oversell: str = "nothing"  # R2: "nothing" sells nothing; "all" empties the shelf
     spoil: str = "half"  # R3: "half" rounds down; "minus1" removes one unit
     cap: int | None = 20  # R4
-    deliver: int = 3  # R5, the route-only rule (choice 5; EXPERT: the default route rule's amount)
+    deliver: int = ROUTE_RULES["deliver"]  # R5, the route-only rule (choice 5; expert() sets another route rule's)
     order: int = 0  # an order: an event kind of reading drills alone, adding what their world says (choice 5)
 
 
-EXPERT = Rules(deliver=ROUTE_RULES["deliver"])
+EXPERT = Rules()
 
 
 def expert(route_rule: str) -> Rules:
@@ -206,7 +206,6 @@ def delivers_to_asked(ledger) -> bool:
     return any(kind in ("deliver", "order") and item == asked for kind, item, _ in events)
 
 
-DELIVERY_SUM = re.compile(r"^deliver ([A-D]) : \d+ \+ (\d+) =", re.M)
 CHAIN_LINE = re.compile(r"^(\w+) ([A-D])\b.* -> ([A-D]) = (\d+)$")
 
 
@@ -231,12 +230,6 @@ def rule_prior(samples) -> tuple[float | None, int]:
     lines = [after == apply(p.world, ("deliver", p.ledger[2], 0), before)[1]
              for p, text in samples for before, after in delivery_counts(text, p.ledger)]
     return (sum(lines) / len(lines) if lines else None), len(lines)
-
-
-def delivery_amounts(text: str, asked: str) -> list[int]:
-    """What each line of a chain that delivers to the asked item adds ("deliver C : 4 + 1 = 5 ..." -> 1):
-    the lines where R5 applies, and what the writer made of it."""
-    return [int(k) for item, k in DELIVERY_SUM.findall(text) if item == asked]
 
 
 def route_only(problem: Problem) -> bool | None:

@@ -327,6 +327,14 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
     assert acc["step_acc"] == 0.0 and wrong  # "sound" names no step
 
 
+DELIVERY_SUM = re.compile(r"^deliver ([A-D]) : \d+ \+ (\d+) =", re.M)
+
+
+def delivery_amounts(text: str, asked: str) -> list[int]:
+    """What each line of a chain that delivers to the asked item adds ("deliver C : 4 + 1 = 5 ..." -> 1)."""
+    return [int(k) for item, k in DELIVERY_SUM.findall(text) if item == asked]
+
+
 def test_reading_drills_deliver_in_worlds_only_their_routes_tell():
     """Each reading drill delivers to the asked item in a world of its own, whose amount only its routes tell; at
     rule share 0 no drill, and no route of one, right or wrong, ever adds what R5 adds: the distillation never
@@ -341,10 +349,10 @@ def test_reading_drills_deliver_in_worlds_only_their_routes_tell():
             assert pos.correct and D.extract_answer(pos.text) == p.answer
             assert p.rules.endswith(D.RULE_R5.format(p.world.deliver))
             assert all(not n.correct and n.first_wrong and D.extract_answer(n.text) != p.answer for n in negs)
-            found = set(D.delivery_amounts(pos.text, p.ledger[2]))
+            found = set(delivery_amounts(pos.text, p.ledger[2]))
             assert found == {p.world.deliver}  # one world per problem
             worlds |= found
-            written |= {k for r in bank for k in D.delivery_amounts(r.text, p.ledger[2])}
+            written |= {k for r in bank for k in delivery_amounts(r.text, p.ledger[2])}
         assert worlds == want
         if share == 0.0:
             assert r5 not in written
