@@ -167,10 +167,8 @@ def runs_of(args, rest, rl, out: Path):
     seeds = range(args.seed, args.seed + args.seeds)
     runs = []
     for s in seeds:
-        start = {"guided": out / f"seed{s}" / "distill", "unguided": out / f"seed{s}" / "distill-unguided"}
         reused = args.reused.get(s)
-        if reused:
-            start["guided"] = reused
+        start = {"guided": reused or out / f"seed{s}" / "distill", "unguided": out / f"seed{s}" / "distill-unguided"}
         for kind, folder in start.items():
             if kind == "guided" and reused:
                 continue  # made before: the arms start at once
