@@ -1,5 +1,5 @@
 """Turn a GGUF file (llama.cpp's format) of a Llama / Qwen2 / Mistral model into a Hugging Face folder
-that model.load_model, model.load_tokenizer and transformers open:
+that model.load_model, tokenizer.load_tokenizer and transformers open:
 
     pip install gguf        # llama.cpp's own reader (0.19 tested); needed by this script only
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2-135m-instruct
@@ -50,6 +50,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 import model as M
+from tokenizer import load_tokenizer
 
 
 class ConvertError(ValueError):
@@ -183,7 +184,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def check_shapes(tensors: dict, cfg: M.ModelConfig, where: str):
     """Every weight the config's model has, of its shape, and no other, read off the file's tensor list."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in M.Transformer(cfg).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in M.hf_state(M.Transformer(cfg)).items()}
     if cfg.tie_word_embeddings:
         del expected["lm_head.weight"]
     got = {hf_name(n, where): tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()
@@ -304,7 +305,7 @@ def convert(file, out, dtype=torch.float32, overwrite=False):
         tok.save(str(tmp / "tokenizer.json"))
         for name, d in tokenizer_files(meta, cfg).items():
             (tmp / name).write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
-        back = M.load_tokenizer(tmp)  # what train.py will read
+        back = load_tokenizer(tmp)  # what train.py will read
         assert back.vocab_size <= cfg.vocab_size, f"{where}: {back.vocab_size} tokens, {cfg.vocab_size} embedding rows"
         M.swap_in(tmp, out)
     finally:

@@ -24,7 +24,7 @@ run() {  # run a command with a time limit, keep its output without tqdm's redra
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$log"
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$log"
 run 120 $py rollout.py --bench --only qwen2.5-0.5b,qwen2.5-1.5b --batches 64 --new-tokens 256 --prompt-len 64
-run 90 $py model.py --bench
+run 90 $py bench.py decoder
 run 90 $py bench.py qwen2.5-0.5b
 run 90 $py bench.py qwen2.5-1.5b
 run 200 $py rollout.py --bench --only qwen2.5-0.5b,qwen2.5-1.5b --batches 64 --new-tokens 256 --prompt-len 64 --compile

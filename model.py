@@ -1,9 +1,10 @@
 """A hand-written decoder of the Llama / Qwen2 / Mistral family, its KV cache, and Hugging Face I/O.
 
 One file, read top to bottom: config -> layers -> model -> KV cache -> loading and saving checkpoints
--> tokenizer -> the tiny default model -> a benchmark. Module names equal Hugging Face's parameter
-names (`model.layers.0.self_attn.q_proj.weight`, ...), so a checkpoint loads without a mapping table
-and what we save opens in `transformers`.
+-> the tiny default model and the benchmark shapes -> peak memory. Module names equal Hugging Face's
+parameter names (`model.layers.0.self_attn.o_proj.weight`, ...) but for the stacked projections (choice 5),
+so a checkpoint loads without a mapping table and what we save opens in `transformers`. The tokenizer is
+tokenizer.py; the decoder's benchmark is `python bench.py decoder`.
 
 Choices that are ours (the paper says nothing about the network itself):
 1. Rows of different lengths are LEFT-padded. The caller gives per-row RoPE positions and a `valid`
@@ -14,23 +15,22 @@ Choices that are ours (the paper says nothing about the network itself):
    index at each step, which is what left padding allows.
 3. Sliding-window attention is not implemented: a Mistral / Qwen2 checkpoint that uses a window is
    loaded with its context capped at the window, where full attention and windowed attention agree.
-4. The tiny default model (a few million parameters) and a word-level tokenizer built with the
-   `tokenizers` library serve the embedded domain; they go through the same save / load path as a
-   real checkpoint.
+4. The tiny default model (under a million parameters) and a word-level tokenizer (tokenizer.py) serve
+   the embedded domain; they go through the same save / load path as a real checkpoint.
 5. Projections that read the same input are stacked into one matrix: q, k and v (`qkv_proj`), gate and
    up (`gate_up_proj`): one matrix product instead of three and two, fewer operators in a step where a
    small model pays per operator (RESULTS.md, "The CPU step, profiled and made faster"). state_dict()
-   and load_state_dict() still speak Hugging Face's separate names (stack_state / split_state), so
-   checkpoints and saved folders are unchanged; each part is initialised as the separate matrix was.
+   holds the stacked matrices, as named_parameters() does (no state-dict hooks); a checkpoint keeps
+   Hugging Face's separate names: load_model stacks the parts as it reads them (stack_state), save_model
+   splits the matrices before it writes (hf_state, split_state), so checkpoints and saved folders are
+   unchanged. Each part is initialised as the separate matrix was.
 """
 
-import argparse
 import json
 import math
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import Regex, decoders, models, pre_tokenizers
 
 
 class CheckpointError(ValueError):
@@ -198,32 +196,6 @@ class Stacked(nn.Linear):
         self.parts = parts
 
 
-def stack_hooks(module: nn.Module, name: str):
-    """Make module.state_dict() write the Stacked child `name` as its parts and load_state_dict() read the
-    parts back into it: the Hugging Face names outside, one matrix inside (choice 5)."""
-    parts = getattr(module, name).parts
-    module.register_state_dict_post_hook(lambda mod, state, prefix, meta: split_state(state, prefix, name, parts))
-    module.register_load_state_dict_pre_hook(lambda mod, state, prefix, *rest: stack_state(state, prefix, name, parts))
-
-
-def split_state(state: dict, prefix: str, name: str, parts: dict):
-    """state[prefix + name + '.weight'] (and '.bias') -> one tensor per part, under prefix + part + '.weight'."""
-    for kind in ("weight", "bias"):
-        if prefix + f"{name}.{kind}" in state:
-            pieces = state.pop(prefix + f"{name}.{kind}").split(list(parts.values()))
-            # clone: safetensors refuses shared memory
-            state.update({prefix + f"{part}.{kind}": p.clone() for part, p in zip(parts, pieces)})
-
-
-def stack_state(state: dict, prefix: str, name: str, parts: dict):
-    """The reverse of split_state, in place: the parts are dropped as soon as they are stacked. A state that
-    lacks a part is left as it is (load_state_dict then names the missing key)."""
-    for kind in ("weight", "bias"):
-        keys = [prefix + f"{part}.{kind}" for part in parts]
-        if all(k in state for k in keys):
-            state[prefix + f"{name}.{kind}"] = torch.cat([state.pop(k) for k in keys])
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -232,7 +204,6 @@ class Attention(nn.Module):
         self.qkv_proj = Stacked(C, {"q_proj": self.n_head * D, "k_proj": self.n_kv * D, "v_proj": self.n_kv * D},
                                 bias=cfg.qkv_bias)  # choice 5
         self.o_proj = nn.Linear(self.n_head * D, C, bias=cfg.o_bias)
-        stack_hooks(self, "qkv_proj")
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
@@ -263,7 +234,6 @@ class MLP(nn.Module):
         I = cfg.intermediate_size
         self.gate_up_proj = Stacked(cfg.hidden_size, {"gate_proj": I, "up_proj": I}, bias=cfg.mlp_bias)  # choice 5
         self.down_proj = nn.Linear(I, cfg.hidden_size, bias=cfg.mlp_bias)
-        stack_hooks(self, "gate_up_proj")
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
@@ -468,6 +438,41 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
+def stacked(model: nn.Module):
+    """(prefix, name, parts) of each Stacked module of model: where its state dict holds a stacked matrix."""
+    for name, module in model.named_modules():
+        if isinstance(module, Stacked):
+            parent, _, child = name.rpartition(".")
+            yield parent + ".", child, module.parts
+
+
+def hf_state(model: nn.Module, state: dict | None = None) -> dict:
+    """A state dict of model (default: model.state_dict()) under Hugging Face's names, in place: each stacked
+    matrix split into its parts (choice 5). What save_model writes; load_model expects the same names."""
+    state = model.state_dict() if state is None else state
+    for prefix, name, parts in stacked(model):
+        split_state(state, prefix, name, parts)
+    return state
+
+
+def split_state(state: dict, prefix: str, name: str, parts: dict):
+    """state[prefix + name + '.weight'] (and '.bias') -> one tensor per part, under prefix + part + '.weight'."""
+    for kind in ("weight", "bias"):
+        if prefix + f"{name}.{kind}" in state:
+            pieces = state.pop(prefix + f"{name}.{kind}").split(list(parts.values()))
+            # clone: safetensors refuses shared memory
+            state.update({prefix + f"{part}.{kind}": p.clone() for part, p in zip(parts, pieces)})
+
+
+def stack_state(state: dict, prefix: str, name: str, parts: dict):
+    """The reverse of split_state, in place: the parts are dropped as soon as they are stacked. A state that
+    lacks a part is left as it is (load_state_dict then names the missing key)."""
+    for kind in ("weight", "bias"):
+        keys = [prefix + f"{part}.{kind}" for part in parts]
+        if all(k in state for k in keys):
+            state[prefix + f"{name}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -484,7 +489,7 @@ def load_model(path, device=None, dtype=None) -> Transformer:
     cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in hf_state(model).items()}
     if cfg.tie_word_embeddings:
         del expected["lm_head.weight"]
 
@@ -520,10 +525,8 @@ def load_model(path, device=None, dtype=None) -> Transformer:
             for name in f.keys():
                 if where.get(name) == file:
                     state[name] = f.get_tensor(name).to(dtype)
-    for name, module in model.named_modules():  # stacked here, so that each part is freed once stacked (choice 5)
-        if isinstance(module, Stacked):
-            parent, _, child = name.rpartition(".")
-            stack_state(state, parent + ".", child, module.parts)
+    for prefix, name, parts in stacked(model):  # stacked here, so that each part is freed once stacked (choice 5)
+        stack_state(state, prefix, name, parts)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -544,7 +547,7 @@ def save_model(model: Transformer, path, tokenizer=None, extra=None):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         cfg = model.config
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        state = hf_state(model, {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
         if cfg.tie_word_embeddings:
             del state["lm_head.weight"]
         dtype = model.lm_head.weight.dtype
@@ -572,142 +575,7 @@ def swap_in(tmp: Path, path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---- tokenizer ----
-
-LLAMA3_SYSTEM = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"  # the template's default
-
-
-class Tokenizer:
-    """A `tokenizers.Tokenizer` with the ids the sampler needs and a chat formatter without jinja.
-
-    chat_format: "chatml" (Qwen, SmolLM2: <|im_start|>role\\n...<|im_end|>), "llama3" (header tokens),
-    or None (base models: plain text). It is read off the chat template's special tokens, and the
-    default system prompt off the template's text (chatml_system); no jinja is run.
-    """
-
-    def __init__(self, tok: HFTokenizer, eos_ids, pad_id, chat_format=None, system=None, files=None):
-        self.tok, self.eos_ids, self.pad_id = tok, list(eos_ids), pad_id
-        self.chat_format, self.system = chat_format, system
-        self.files = files or {}  # tokenizer_config.json etc., written back unchanged by save()
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        """special: add the tokenizer's own special tokens (Llama-3's BOS), as transformers does."""
-        return self.tok.encode(text, add_special_tokens=special).ids
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
-
-    def chat(self, prompt: str, system: str | None = None) -> str:
-        """One user turn in the checkpoint's chat format, ending where the assistant's reply begins:
-        what transformers' apply_chat_template renders for [system?, user] with add_generation_prompt.
-        system=None: the template's default system prompt; "": none. Encode the result with
-        special=False: the text already holds its special tokens."""
-        if self.chat_format == "chatml":
-            system = system if system is not None else self.system
-            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            return f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":  # the template trims each message; 3.1+ always writes its dated system block
-            h = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-            system = (self.system or "") + (system or "").strip()
-            head = f"{h('system')}{system}<|eot_id|>" if system else ""
-            return f"<|begin_of_text|>{head}{h('user')}{prompt.strip()}<|eot_id|>{h('assistant')}"
-        return prompt
-
-    def save(self, path):
-        """tokenizer.json and the files it was loaded with (tokenizer_config.json, chat_template.jinja, ...)."""
-        path = Path(path)
-        self.tok.save(str(path / "tokenizer.json"))
-        for name, d in self.files.items():
-            (path / name).write_text(d if isinstance(d, str) else json.dumps(d, indent=2) + "\n")
-
-
-def _token_id(tok: HFTokenizer, t):
-    if isinstance(t, dict):
-        t = t.get("content")
-    return tok.token_to_id(t) if isinstance(t, str) else None
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """tokenizer.json through `tokenizers`; eos ids from generation_config.json, config.json and
-    tokenizer_config.json (all of them, in that order); pad id from tokenizer_config / config, else eos."""
-    path = Path(path)
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: no tokenizer.json (only fast tokenizers saved as tokenizer.json are supported)")
-    try:
-        tok = HFTokenizer.from_file(str(file))
-    except Exception as e:
-        raise CheckpointError(f"{file}: cannot be read by tokenizers ({e})") from None
-    files = {n: read_json(path / n)
-             for n in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
-             if (path / n).is_file()}
-    if (path / "chat_template.jinja").is_file():  # transformers 5 writes the template on its own
-        files["chat_template.jinja"] = (path / "chat_template.jinja").read_text()
-    tcfg, gen = files.get("tokenizer_config.json", {}), files.get("generation_config.json", {})
-    mcfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
-
-    eos = []
-    for e in (gen.get("eos_token_id"), mcfg.get("eos_token_id"), _token_id(tok, tcfg.get("eos_token"))):
-        for i in (e if isinstance(e, list) else [e]):
-            if isinstance(i, int) and i not in eos:
-                eos.append(i)
-    pad = _token_id(tok, tcfg.get("pad_token"))
-    pad = pad if pad is not None else mcfg.get("pad_token_id")
-    pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
-
-    template = files.get("chat_template.jinja") or tcfg.get("chat_template") or ""
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
-    fmt, system = None, None
-    if "<|im_start|>" in template:
-        fmt, system = "chatml", chatml_system(template)
-    elif "<|start_header_id|>" in template:
-        fmt, system = "llama3", (LLAMA3_SYSTEM if "Cutting Knowledge Date" in template else None)
-    return Tokenizer(tok, eos, pad, fmt, system, files)
-
-
-def chatml_system(template: str) -> str | None:
-    """The default system prompt of a ChatML template: the text of a string literal in it that reads
-    '<|im_start|>system' newline ... '<|im_end|>', its newlines written as \\n (Qwen2.5's template
-    in JSON) or as real newlines (SmolLM2's). A literal that stops before <|im_end|> (the branch that
-    writes the caller's system message: '...system\\n' + messages[0]['content'] + ...) is no default."""
-    m = re.search(r"""'<\|im_start\|>system(?:\\n|\n)([^']*?)<\|im_end\|>|"""
-                  r'"<\|im_start\|>system(?:\\n|\n)([^"]*?)<\|im_end\|>',
-                  template)
-    return (m.group(1) if m.group(1) is not None else m.group(2)).replace("\\n", "\n") if m else None
-
-
 # ---- the tiny default model ----
-
-SPECIALS = ["<|pad|>", "<|endoftext|>", "<|unk|>"]
-
-
-def build_tokenizer(words, phrases=()) -> Tokenizer:
-    """A word-level tokenizer (the `tokenizers` WordLevel model) for a closed vocabulary: each word is
-    one token, once bare (at a line start) and once with its leading space, "\n" is a token, plus
-    <|pad|>, <|endoftext|> (eos) and <|unk|>. A phrase (words joined by single spaces) is one token too,
-    taken before its words. Text of these words separated by single spaces and newlines decodes back
-    exactly. Saved as tokenizer.json like any other tokenizer."""
-    vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for w in ["\n", *words, *phrases]:
-        assert w == "\n" or not any(c.isspace() for c in w.replace(" ", "")) and "  " not in w, \
-            f"word {w!r} holds whitespace"
-        for piece in (w, " " + w) if w != "\n" else (w,):
-            vocab.setdefault(piece, len(vocab))
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    # a phrase, where it ends at a space or a line end
-    pieces = "".join(f" ?{re.escape(p)}(?![^ \n])|" for p in phrases)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(rf"\n|{pieces} ?[^ \n]+"), behavior="isolated")  # " word" pieces
-    tok.decoder = decoders.Fuse()  # pieces carry their own spaces: join them as they are
-    tok.add_special_tokens(SPECIALS)
-    files = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                                       "pad_token": "<|pad|>", "unk_token": "<|unk|>"}}
-    return Tokenizer(tok, [vocab["<|endoftext|>"]], vocab["<|pad|>"], files=files)
-
 
 TINY_VOCAB = 256  # about the embedded domain's vocabulary (domain.tokenizer()); for benchmarks
 
@@ -739,7 +607,7 @@ def qwen25_15b_config() -> ModelConfig:
                        architecture="Qwen2ForCausalLM")
 
 
-# ---- benchmark: python model.py --bench ----
+# ---- peak memory ----
 
 def peak_memory_reset(device):
     if device.type == "cuda":
@@ -759,68 +627,3 @@ def peak_memory_gib(device):
         return int(hwm.group(1)) / 2**20
     except (OSError, AttributeError):
         return float("nan")
-
-
-def bench(cfg: ModelConfig, name, batch, seq, steps, device, dtype):
-    peak_memory_reset(device)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg).to(dtype)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    def step():
-        logits = model(tokens[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    line = (f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | "
-            f"B={batch} T={seq} | fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | "
-            f"peak {peak_memory_gib(device):6.2f} GiB")
-    peak = next((f for card, f in BF16_FLOPS.items()
-                 if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
-    if peak and dtype == torch.bfloat16:
-        print(line + f" | MFU {train_flops(cfg, n_params, seq) * batch * seq / dt / peak:5.1%}")
-    else:
-        print(line)
-
-
-BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peak of the cards
-
-
-def train_flops(cfg: ModelConfig, n_params, seq):
-    """FLOPs per trained token: 6 per parameter (forward 2, backward 4) plus attention's 12 * layers *
-    width * context (the PaLM paper's count; causal masking not discounted)."""
-    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="The decoder's benchmark: forward+backward tokens/s and peak memory.")
-    p.add_argument("--bench", action="store_true", help="run the benchmark (the only thing this script does)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per config, after one warm-up step")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    args = p.parse_args()
-    if not args.bench:
-        p.error("nothing to do: pass --bench")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = default_device() if args.device == "auto" else torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory is "
-          f"{'allocated CUDA memory' if device.type == 'cuda' else 'the process peak RSS, reset per config'}")
-    big = (8, 1024) if device.type == "cuda" else (1, 256)
-    bench(tiny_config(TINY_VOCAB), "tiny", 8, 256, args.steps, device, dtype)
-    bench(qwen25_05b_config(), "qwen2.5-0.5b", *big, args.steps, device, dtype)
-    if device.type == "cuda":
-        bench(qwen25_15b_config(), "qwen2.5-1.5b", *big, args.steps, device, dtype)

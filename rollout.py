@@ -44,6 +44,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model as M
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -343,7 +344,7 @@ def run_bench(args, device):
 
 
 def run_cli(args, device):
-    model, tok = M.load_model(args.model, device), M.load_tokenizer(args.model)
+    model, tok = M.load_model(args.model, device), load_tokenizer(args.model)
     texts = [tok.chat(x) if args.chat else x for x in args.prompt]
     prompts = [tok.encode(x, special=not args.chat) for x in texts]
     print(f"sampling {args.n} x {len(prompts)} from {args.model} on {device}", flush=True)

@@ -15,6 +15,7 @@ import pytest
 
 import model as M
 from conftest import write_checkpoint
+from tokenizer import build_tokenizer, chatml_system, load_tokenizer
 
 QWEN25 = (
     '{%- if tools %}\n'
@@ -169,7 +170,7 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_i
 def tokenizer_folder(path, template, where="config", eos="<|im_end|>", gen_eos=None):
     """A tokenizer folder as a checkpoint has it: a tiny word-level tokenizer.json, tokenizer_config.json,
     and the template in tokenizer_config.json (transformers 4) or in chat_template.jinja (transformers 5)."""
-    tok = M.build_tokenizer("What is 2+2? Hi Two lines of text".split())
+    tok = build_tokenizer("What is 2+2? Hi Two lines of text".split())
     tok.tok.add_special_tokens(SPECIALS)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(path)
@@ -189,7 +190,7 @@ def tokenizer_folder(path, template, where="config", eos="<|im_end|>", gen_eos=N
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_chat_renders_like_apply_chat_template(tmp_path, name, where):
     tokenizer_folder(tmp_path, globals()[name], where)
-    tok = M.load_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
     assert tok.chat_format == ("llama3" if name.startswith("LLAMA") else "chatml")
     for (prompt, system), want in EXPECTED[name].items():
         assert tok.chat(prompt, system=system) == want, (name, prompt)
@@ -203,9 +204,9 @@ def test_default_system_prompts_read_off_the_templates(tmp_path):
                 "QWEN25": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                 "CHATML": None}
     for name, system in expected.items():
-        assert M.chatml_system(globals()[name]) == system, name
+        assert chatml_system(globals()[name]) == system, name
     # double quotes, \n escapes
-    assert M.chatml_system("{{ \"<|im_start|>system\\nTwo\\nlines<|im_end|>\\n\" }}") == "Two\nlines"
+    assert chatml_system("{{ \"<|im_start|>system\\nTwo\\nlines<|im_end|>\\n\" }}") == "Two\nlines"
 
 
 @pytest.mark.parametrize("where", ["config", "jinja"])
@@ -214,9 +215,9 @@ def test_save_model_keeps_the_chat_template_and_end_ids(tmp_path, name, where):
     eos = "<|eot_id|>" if name == "LLAMA31" else "<|im_end|>"
     tok = tokenizer_folder(tmp_path / "src", globals()[name], where, eos=eos, gen_eos=["<|eot_id|>", "<|im_end|>"])
     write_checkpoint(tmp_path / "src", "llama", vocab_size=tok.vocab_size)
-    model, before = M.load_model(tmp_path / "src", device="cpu"), M.load_tokenizer(tmp_path / "src")
+    model, before = M.load_model(tmp_path / "src", device="cpu"), load_tokenizer(tmp_path / "src")
     M.save_model(model, tmp_path / "saved", tokenizer=before)
-    after = M.load_tokenizer(tmp_path / "saved")
+    after = load_tokenizer(tmp_path / "saved")
     assert after.chat_format == before.chat_format and after.system == before.system
     assert after.chat(Q1) == before.chat(Q1) == EXPECTED[name][(Q1, None)]
     assert after.eos_ids == before.eos_ids == [tok.tok.token_to_id("<|eot_id|>"), tok.tok.token_to_id("<|im_end|>")]
@@ -230,5 +231,5 @@ def test_save_model_keeps_the_chat_template_and_end_ids(tmp_path, name, where):
 
 def test_no_template_is_plain_text(tmp_path):
     tokenizer_folder(tmp_path, "", "config")
-    tok = M.load_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
     assert tok.chat_format is None and tok.chat(Q1) == Q1

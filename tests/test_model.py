@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import model as M
 from conftest import KINDS, hf_tensors
+from tokenizer import build_tokenizer
 
 
 def tokens_for(m, B, T, seed=0):
@@ -24,7 +25,7 @@ def test_load_gives_finite_logits_and_the_file_weights(ckpt, kind):
     assert logits.shape == (2, 9, KINDS[kind]["vocab_size"]) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     file = load_file(str(path / "model.safetensors"))
-    state = m.state_dict()
+    state = M.hf_state(m)
     for name, t in file.items():
         assert torch.equal(state[name], t), name  # exact: weights copied, not computed
     assert (m.lm_head.weight is m.model.embed_tokens.weight) == KINDS[kind]["tie_word_embeddings"]
@@ -35,7 +36,7 @@ def test_qwen2_has_qkv_bias_and_no_o_bias(ckpt):
     m = M.load_model(ckpt("qwen2"), device="cpu")
     attn = m.model.layers[0].self_attn
     assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
-    state = m.state_dict()
+    state = M.hf_state(m)
     assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(state)
     assert "model.layers.0.self_attn.o_proj.bias" not in state
 
@@ -44,6 +45,8 @@ def test_stacked_projections_save_and_load_under_hugging_face_names(tmp_path):
     """q, k, v and gate, up are one matrix each inside (model.py choice 5), separate tensors in a saved folder."""
     torch.manual_seed(0)
     m = M.Transformer(M.tiny_config(50, qkv_bias=True, architecture="Qwen2ForCausalLM"))
+    # no state-dict hooks: state_dict() holds the parameters under their own names, stacked ones included
+    assert list(m.state_dict()) == [n for n, _ in m.named_parameters(remove_duplicate=False)]
     M.save_model(m, tmp_path / "m")
     names = set(load_file(str(tmp_path / "m" / "model.safetensors")))
     for part in ("self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
@@ -53,7 +56,7 @@ def test_stacked_projections_save_and_load_under_hugging_face_names(tmp_path):
     back = M.load_model(tmp_path / "m", device="cpu")
     for (a, x), (b, y) in zip(m.named_parameters(), back.named_parameters()):
         assert a == b and torch.equal(x, y), a
-    q = m.state_dict()["model.layers.0.self_attn.q_proj.weight"]  # rows 0..H*D-1 of the stacked matrix
+    q = M.hf_state(m)["model.layers.0.self_attn.q_proj.weight"]  # rows 0..H*D-1 of the stacked matrix
     assert torch.equal(q, m.model.layers[0].self_attn.qkv_proj.weight[:q.shape[0]])
 
 
@@ -177,7 +180,7 @@ def test_save_then_load_is_exact(ckpt, tmp_path):
     for kind in ("qwen2", "llama", "mistral"):
         m = M.load_model(ckpt(kind), device="cpu")
         out = tmp_path / f"saved_{kind}"
-        tokenizer = M.build_tokenizer(WORDS)
+        tokenizer = build_tokenizer(["Stock", ":", "A", "=", "3"])
         M.save_model(m, out, tokenizer=tokenizer)
         back = M.load_model(out, device="cpu")
         a, b = m.state_dict(), back.state_dict()
@@ -288,61 +291,3 @@ def test_bad_checkpoints(ckpt, tmp_path):
     noweights = ckpt("qwen2", name="noweights")
     (noweights / "model.safetensors").unlink()
     assert "no model.safetensors" in err(noweights)
-
-
-# ---- tokenizer ----
-
-WORDS = ["Stock", ":", "A", "B", "=", "3", "5", "0", "9", "sell", "->", ">", "?", "no"]
-
-
-def test_word_tokenizer_round_trip(tmp_path):
-    tok = M.build_tokenizer(WORDS)
-    text = "Stock : A = 3 B = 5\nsell B 9 : 9 > 9 ? no -> B = 0"
-    ids = tok.encode(text)
-    assert len(ids) == len(text.split()) + 1  # one token a word, one for the newline
-    assert tok.decode(ids) == text and tok.decode(ids + tok.eos_ids) == text and tok.pad_id not in ids
-    unk = tok.encode("Stock x")
-    assert tok.decode(unk) == "Stock" and len(unk) == 2  # an unknown word is <|unk|>, a special token
-    tok.save(tmp_path)
-    back = M.load_tokenizer(tmp_path)
-    assert back.encode(text) == ids and back.eos_ids == tok.eos_ids and back.pad_id == tok.pad_id
-    assert back.vocab_size == tok.vocab_size == 3 + 1 + 2 * len(WORDS)
-    m = M.Transformer(M.tiny_config(tok.vocab_size))
-    assert sum(p.numel() for p in m.parameters()) < 5e6
-
-
-def test_tokenizer_ids_and_chat_formats(tmp_path):
-    tok = M.build_tokenizer(WORDS)
-    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|eot_id|>"])
-    tok.save(tmp_path)
-    im_end, eot = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|eot_id|>")
-    template = ("{%- if messages[0]['role'] == 'system' %}...{%- else %}{{- '<|im_start|>system\\nYou are Qwen, "
-                "created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                                                                "chat_template": template}))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eot, im_end]}))
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": im_end, "pad_token_id": 0}))
-    t = M.load_tokenizer(tmp_path)
-    assert t.eos_ids == [eot, im_end] and t.pad_id == tok.tok.token_to_id("<|endoftext|>")
-    assert t.chat_format == "chatml"
-    assert t.chat("2+2?") == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-                              "assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert t.encode(t.chat("A", system=""), special=False)[:1] == [tok.tok.token_to_id("<|im_start|>")]
-
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": "<|start_header_id|> Cutting Knowledge Date"}))
-    t = M.load_tokenizer(tmp_path)
-    assert t.chat_format == "llama3" and t.eos_ids == [eot, im_end] and t.pad_id == 0
-    assert t.chat("hi") == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + M.LLAMA3_SYSTEM +
-                            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    (tmp_path / "tokenizer_config.json").unlink()
-    assert M.load_tokenizer(tmp_path).chat("hi") == "hi"  # base model: plain text
-
-
-def test_bad_tokenizers(tmp_path):
-    with pytest.raises(M.CheckpointError, match="no tokenizer.json"):
-        M.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(M.CheckpointError, match="tokenizer.json: cannot be read"):
-        M.load_tokenizer(tmp_path)

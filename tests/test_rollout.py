@@ -4,6 +4,7 @@ import torch
 import model as M
 from conftest import same_or_near_tie
 from rollout import Sample, generate, generate_naive, greedy
+from tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ def test_cli_samples_from_a_saved_checkpoint_and_refuses_bad_input(tmp_path):
     import sys
     from pathlib import Path
 
-    tok = M.build_tokenizer(["A", "B", "=", "3"])
+    tok = build_tokenizer(["A", "B", "=", "3"])
     torch.manual_seed(0)
     M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, num_hidden_layers=1, hidden_size=32,
                                              intermediate_size=64, max_position_embeddings=64)), tmp_path / "m", tok)
