@@ -9,19 +9,18 @@ checkpoint that load_model accepts, sampled with rollout.generate:
     python distill.py --teacher DIR --data train.jsonl --out routes.jsonl
 
 SFT examples: the autonomous prompt -> a positive route; and, for a share of each batch (train.py,
-choice 2), an MRPV prompt showing routes from the bank -> the teacher's MRPV response (its own route and
-the verdicts, in the order of mrpv.Layout).
+choice 2), an MRPV prompt showing K whole routes from the bank -> the teacher's MRPV response (its own route
+and the restated verdicts, in the order asked: mrpv.ORDERS).
 
 Choices that are ours:
 1. The embedded teacher is deterministic, so a problem's R positive routes are R copies of one route
-   (what R calls to it would return), unless it is asked for variants (--diverse-routes: each sum in
-   either order); its R negatives are distinct.
+   (what R calls to it would return); its R negatives are distinct.
 2. A checkpoint teacher is prompted "Rules : <rules>\\n<question>\\n" when guided and with the
    question alone when not; its routes are whatever it writes up to its end token.
 3. The SFT loss is the mean cross-entropy over all response tokens of the batch (a token mean, so
    long responses weigh more than short ones); prompt and padding tokens carry no loss.
 4. Verdict drills (verdict_drills; train.py --drills per batch): short examples of the restated verdict
-   lines alone (mrpv.py choice 8), route headers and an own answer in the prompt, added to every SFT batch
+   lines alone (mrpv.py choice 7), route headers and an own answer in the prompt, added to every SFT batch
    from the first step. They teach the comparison ("8 < 13 -> wrong") on examples that cost a tenth of an
    MRPV example; alone they do not teach verdicts in MRPV responses, beside MRPV examples they make the
    lookup of a route's result by its label come sooner (RESULTS.md, "Routes that carry a rule the start
@@ -51,14 +50,13 @@ import model as M
 import mrpv
 from grpo import micro_batches
 from rollout import generate
+from tokenizer import load_tokenizer
 
 
 # ---- the route bank ----
 
-def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True,
-                  diverse: bool = False) -> list[D.Route]:
-    """Routes of the embedded teacher for one problem: R positives (copies, choice 1; diverse: each sum
-    written in either order, so right routes differ where the problem has sums) and R negatives, right and
+def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool = True) -> list[D.Route]:
+    """Routes of the embedded teacher for one problem: R positives (copies, choice 1) and R negatives, right and
     wrong as the problem's world says. Unguided, the one route the rule-less teacher writes, labelled by its
     answer."""
     if not guided:
@@ -70,17 +68,15 @@ def embedded_bank(problem: D.Problem, R: int, rng: random.Random, guided: bool =
             negatives.append(neg)
         if len(negatives) == R:
             break
-    if diverse:
-        return [D.teacher_route(problem, variants=rng) for _ in range(R)] + negatives
     return [D.teacher_route(problem)] * R + negatives
 
 
 def embedded_set(split: str, n: int, R: int, seed: int = 0, bank_seed: int = 0, guided: bool = True,
-                 diverse: bool = False, route_rule: str = "deliver"):
+                 route_rule: str = "deliver"):
     """n problems of the embedded domain's split and the embedded teacher's route bank for each."""
     problems = D.split(split, n, seed, route_rule)
     rng = random.Random(f"routes-{bank_seed}")
-    return problems, [embedded_bank(p, R, rng, guided, diverse) for p in problems]
+    return problems, [embedded_bank(p, R, rng, guided) for p in problems]
 
 
 def reading_set(n: int, R: int, seed: int = 0, route_rule: str = "deliver", rule_share: float = 0.0,
@@ -146,12 +142,10 @@ def teacher_accuracy(banks) -> float:
 # ---- SFT examples and loss ----
 
 def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: float, rng: random.Random,
-                 eaai_prompts=False, layout=mrpv.Layout(), keep_error=False):
+                 order: str = "solve-verify"):
     """(prompt ids, response ids) pairs: autonomous prompt -> a positive route; with probability
-    mrpv_share an MRPV prompt (K routes from the bank) -> the teacher's MRPV response instead, laid out
-    as `layout` says. eaai_prompts: the MRPV prompts show what EAAI will show during RL: 1..K routes,
-    half of the time each cut to a random prefix of its lines (mrpv.show, with keep_error as RL's
-    --keep-errors), so RL's prompts are not new to the student.
+    mrpv_share an MRPV prompt (K whole routes from the bank) -> the teacher's MRPV response instead, its
+    verdicts after the own route or before it as `order` says (mrpv.ORDERS).
     Problems whose bank holds no positive route give no example."""
     out = []
     for p, bank in zip(problems, banks):
@@ -161,10 +155,9 @@ def sft_examples(problems, banks, tok, mrpv_share: float, K: int, neg_share: flo
         solution = rng.choice(positives).text
         shown = []
         if rng.random() < mrpv_share:
-            k, frac = (rng.randint(1, K), rng.choice([1.0, rng.random()])) if eaai_prompts else (K, 1.0)
-            shown = [mrpv.show(r, frac, keep_error) for r in mrpv.select_routes(bank, k, neg_share, rng)]
-        prompt = mrpv.build_prompt(p, shown, layout)
-        response = mrpv.teacher_response(shown, solution, layout)
+            shown = mrpv.select_routes(bank, K, neg_share, rng)
+        prompt = mrpv.build_prompt(p, shown)
+        response = mrpv.teacher_response(shown, solution, order)
         out.append((encode_prompt(tok, prompt), tok.encode(response) + tok.eos_ids[:1]))
     return out
 
@@ -178,7 +171,7 @@ def draw_batch(alone, routed, share, size, rng: random.Random):
 
 
 def verdict_drills(n: int, K: int, rng: random.Random, tok, top: int = D.MAX_ANSWER):
-    """n verdict drills (choice 4): a prompt of 1..K route headers ("Route 2 : 8", mrpv.Layout.restate) and an own
+    """n verdict drills (choice 4): a prompt of 1..K route headers ("Route 2 : 8", mrpv.py choice 7) and an own
     answer line, and the verdict lines that compare them ("Route 2 : 8 < 13 -> wrong"); each route's result is the
     own answer with probability 1/2, else another number of 0..top. A drill is (prompt ids, response ids, the
     response positions that carry no loss): the token after "wrong", where an MRPV response names the step."""
@@ -254,7 +247,7 @@ if __name__ == "__main__":
         problems = D.load_jsonl(args.data) if args.data else D.split("train", args.n_problems, args.seed)
         rng = random.Random(args.seed)
         if args.teacher:
-            teacher, tok = M.load_model(args.teacher), M.load_tokenizer(args.teacher)
+            teacher, tok = M.load_model(args.teacher), load_tokenizer(args.teacher)
             print(f"sampling {args.n} routes per problem for {len(problems)} problems from {args.teacher}")
             banks = checkpoint_bank(teacher, tok, problems, args.R, True, args.n, args.max_new_tokens, args.temperature,
                                     args.seed)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-import model as M
+from tokenizer import Tokenizer, build_tokenizer
 
 
 class DataError(ValueError):
@@ -140,9 +140,9 @@ WORDS = ([str(i) for i in range(100)] + list(ITEMS) +
 PHRASES = [f"Route {k} :" for k in range(1, 10)]  # a route's label is one token (choice 4)
 
 
-def tokenizer() -> M.Tokenizer:
-    """The embedded domain's word-level tokenizer (see model.build_tokenizer)."""
-    return M.build_tokenizer(WORDS, PHRASES)
+def tokenizer() -> Tokenizer:
+    """The embedded domain's word-level tokenizer (see tokenizer.build_tokenizer)."""
+    return build_tokenizer(WORDS, PHRASES)
 
 
 def event_text(event):
@@ -166,10 +166,9 @@ def apply(rules: Rules, event, v):
     return f"{v} + {add} = {v + add}", v + add
 
 
-def write_route(ledger, rules: Rules = EXPERT, slip=None, variants: random.Random | None = None) -> tuple[str, int]:
+def write_route(ledger, rules: Rules = EXPERT, slip=None) -> tuple[str, int]:
     """Write the route for a ledger under `rules` -> (text, final count). slip = (step, line, count)
-    replaces step `step` (0-based) with a wrong line and count; later steps follow on consistently.
-    variants: each sum is written in either order ("5 + 3 = 8" or "3 + 5 = 8"), drawn from this RNG."""
+    replaces step `step` (0-based) with a wrong line and count; later steps follow on consistently."""
     stock, events, asked = ledger
     v, lines = stock[asked], []
     for i, event in enumerate(events):
@@ -177,8 +176,6 @@ def write_route(ledger, rules: Rules = EXPERT, slip=None, variants: random.Rando
             line, v = slip[1], slip[2]
         elif event[1] == asked:
             work, v = apply(rules, event, v)
-            if variants is not None and variants.random() < 0.5:
-                work = re.sub(r"^(\d+) \+ (\d+) =", r"\2 + \1 =", work)
             line = f"{event_text(event)} : {work} -> {asked} = {v}"
         else:
             line = f"{event_text(event)} : other -> {asked} = {v}"
@@ -276,7 +273,7 @@ def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list
     if name not in SPLITS:
         raise DataError(f"unknown split {name!r} (splits: {', '.join(SPLITS)})")
     rules = expert(route_rule)
-    if route_rule == "none":  # the four-rule domain, drawn exactly as before
+    if route_rule == "none":  # the four-rule domain: rejection sampling of each answer in turn
         rng = random.Random(f"ledger-{name}-{seed}")
         targets = [i % (MAX_ANSWER + 1) for i in range(n)]
         rng.shuffle(targets)
@@ -300,10 +297,10 @@ def split(name: str, n: int, seed: int = 0, route_rule: str = "deliver") -> list
 
 # ---- teachers ----
 
-def teacher_route(problem: Problem, guided: bool = True, variants: random.Random | None = None) -> Route:
+def teacher_route(problem: Problem, guided: bool = True) -> Route:
     """The programmatic teacher: told the rules of the problem's world (guided) it is always right; without
-    them it applies GUESSED, right only where no rule it guesses wrong comes into play. variants: see write_route."""
-    text, answer = write_route(problem.ledger, problem.world if guided else GUESSED, variants=variants)
+    them it applies GUESSED, right only where no rule it guesses wrong comes into play."""
+    text, answer = write_route(problem.ledger, problem.world if guided else GUESSED)
     return Route(text, check(str(answer), problem.answer))
 
 

@@ -9,22 +9,16 @@ external signal h(step) in [0, 1] decays from 1 (full signal) to 0 (the model re
     h(t) = 0                                      t >= hold + decay   (the autonomy phase)
 
 Each prompt then gets a Hint: whether routes are shown (with probability h), how many (about h * K,
-at least one when shown), and how much of each route's text (the prefix fraction h). Each of the
-three can be switched off, and then stays at full signal until the autonomy phase. That is the fade
-"together": the route text a prompt carries falls like h^3. The fade "sequential" moves one thing at
-a time, each over a third of h's range (choice 4):
-
-    1 >= h > 2/3     all prompts, K routes fading to 1, whole     (count  = 1 + (K - 1) * (3h - 2))
-    2/3 >= h > 1/3   all prompts, 1 route, its prefix fading      (prefix = 3h - 1)
-    1/3 >= h > 0     1 route's first line, on fewer prompts       (show with probability 3h)
+at least one when shown), and how much of each route's text (the prefix fraction h). The three fade
+together, so the route text a prompt carries falls like h^3 (choice 4). Each of the three can be
+switched off, and then stays at full signal until the autonomy phase.
 
 Choices that are ours (the paper states the idea, not the curve):
 1. The three shapes above, a hold at h = 1 before the decay, and an autonomy step after which h is
    exactly 0; default cosine, no hold, decay over the first 60 % of training (train.py's choice).
 2. The exponential is renormalised to reach exactly 0 at the autonomy step; rate 5 by default.
 3. The count is drawn by stochastic rounding of h * K (its mean is h * K).
-4. The sequential fade, its order (count, then prefix, then the share of prompts with a route) and its
-   equal thirds; a prefix fraction of 0 shows a route's first line (mrpv.show shows at least one).
+4. Show, count and prefix all follow the same h, at once.
 """
 
 import argparse
@@ -33,7 +27,6 @@ import random
 from dataclasses import dataclass
 
 SHAPES = ("linear", "cosine", "exponential")
-FADES = ("together", "sequential")
 
 
 @dataclass
@@ -73,27 +66,19 @@ class Annealer:
     """Per-prompt decisions from h(step), with its own seeded RNG; state_dict() / load_state_dict()
     make a resumed run draw exactly what the uninterrupted run would have drawn."""
 
-    def __init__(self, schedule: Schedule, K: int, seed: int = 0, vary_show=True, vary_count=True, vary_length=True,
-                 fade="together"):
-        if fade not in FADES:
-            raise ValueError(f"EAAI fade {fade!r} is not one of {', '.join(FADES)}")
-        self.schedule, self.K, self.fade = schedule, K, fade
+    def __init__(self, schedule: Schedule, K: int, seed: int = 0, vary_show=True, vary_count=True, vary_length=True):
+        self.schedule, self.K = schedule, K
         self.vary_show, self.vary_count, self.vary_length = vary_show, vary_count, vary_length
         self.rng = random.Random(seed)
 
     def hint(self, step: int) -> Hint:
         h = self.schedule.h(step)
         u1, u2 = self.rng.random(), self.rng.random()  # drawn every call, so the stream never depends on h
-        if self.fade == "sequential":  # choice 4: one of show, count, prefix moves at a time
-            show_p, count, frac = (min(1.0, 3 * h), 1 + (self.K - 1) * min(1.0, max(0.0, 3 * h - 2)),
-                                   min(1.0, max(0.0, 3 * h - 1)))
-        else:
-            show_p, count, frac = h, h * self.K, h
-        show = h > 0 and self.K > 0 and (u1 < show_p if self.vary_show else True)
+        show = h > 0 and self.K > 0 and (u1 < h if self.vary_show else True)  # choice 4: all three follow h
         if not show:
             return Hint(False, 0, 0.0)
-        k = max(1, min(self.K, math.floor(count + u2))) if self.vary_count else self.K
-        return Hint(True, k, frac if self.vary_length else 1.0)
+        k = max(1, min(self.K, math.floor(h * self.K + u2))) if self.vary_count else self.K  # choice 3
+        return Hint(True, k, h if self.vary_length else 1.0)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate()}

@@ -3,8 +3,8 @@ routes, some right and some wrong, says of each whether its process is sound and
 goes wrong, then reasons itself and answers. It is rewarded for the answer AND for its verdicts, so
 it learns from wrong routes too (rejection-sampling fine-tuning would throw them away).
 
-Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed); by default the
-routes come first and the question last (choice 5):
+Prompt, K = 2 routes shown (route order shuffled by `select_routes`, with a seed): the routes come
+first, each under a header that names where it ends, and the question last (choice 5):
 
     Route 1 : 10
     restock B : 5 + 5 = 10 -> B = 10
@@ -17,7 +17,7 @@ routes come first and the question last (choice 5):
     Stock : A = 3 , B = 5 . Events : restock B ; sell B 9 . How many B ?
 
 Response, solve-then-verify (the default, choice 5): the model's own steps and answer, then one
-verdict line per shown route, in order. A verdict line restates what it compares (choice 8): the
+verdict line per shown route, in order. A verdict line restates what it compares (choice 7): the
 route's result, its relation to the model's own (<, = or >), then "sound", or "wrong at step k"
 naming the route's first line that disagrees with a sound chain:
 
@@ -27,8 +27,7 @@ naming the route's first line that disagrees with a sound chain:
     Route 1 : 10 > 1 -> wrong at step 2
     Route 2 : 1 = 1 -> sound
 
-Verify-then-solve (Layout order "verify-solve") puts the verdict lines first, before any reasoning,
-and the question before the routes (question_last False) is the other prompt layout.
+Verify-then-solve (order "verify-solve", ORDERS) puts the same verdict lines first, before any reasoning.
 
 With no route shown, the prompt is exactly the autonomous prompt ("<question>\\n") and the response
 is the steps and the answer alone: one policy serves both modes.
@@ -40,36 +39,32 @@ Choices that are ours (the paper does not fix them):
    mean over the parts that apply: with no route shown only answer and format count; step counts
    only when a wrong route with a known first wrong step is shown. Default weights 1, 0.5, 0.5, 0.1.
 2. A route shown only in part (EAAI) is judged on what is shown: it is wrong only if its first wrong
-   step is among the shown lines. Routes whose first wrong step is unknown are always shown whole.
+   step is among the shown lines, so a wrong route cut before its error is sound, and under EAAI's prompts
+   "always sound" earns more than the half that chance gives (tests/test_mrpv.py). Routes whose first wrong
+   step is unknown are always shown whole.
 3. The first answer line counts and the first verdict for a route counts; any repeat breaks the
    format (reward 0 for format), so hedging with several answers never pays.
 4. The number of wrong routes among k shown is Binomial(k, neg_share), so all-wrong and all-right
    sets both occur and following the majority is not a winning strategy.
-5. The layout (`Layout`): solve-then-verify (the default) or verify-then-solve; the question after
-   the routes (the default), so that the model's own steps start right after the question as they do
-   with no route shown, or before them; routes shown with their answer lines (the default) or without
-   them, so that a verdict needs the route's process and not only its final line. The order and the
-   question's place were chosen on dev over three seeds, for the distilled student's accuracy with
-   routes (RESULTS.md, "A cold start that reads routes").
-   Routes without answers were not measured; they stay an option.
+5. The layout: the question after the routes, so that the model's own steps start right after the
+   question as they do with no route shown; each route with its answer line (one cut by EAAI without it,
+   choice 2); the response solve-then-verify ("solve-verify", the default) or verify-then-solve
+   ("verify-solve"). The question's place and the default order were chosen on dev over three seeds, for
+   the distilled student's accuracy with routes (RESULTS.md, "A cold start that reads routes").
 6. Consistency (Weights.consistent; train.py's default, --consistent, chosen on dev with grpo.py's
    per-component advantages, RESULTS.md): a verdict on a route whose answer line is shown earns credit
    (verdict and step) only when it agrees with the model's own answer: "sound" when the route reaches
    the same answer, "wrong" when it does not. A verdict that is right about the route but contradicts
    the model's own answer earns nothing. Off in Weights(), so that evaluation's verdict_acc is plain.
-7. keep_error (`show`; train.py --keep-errors, off by default): a wrong route shown in part is cut no
-   earlier than its first wrong step, so it stays wrong; then "always sound" and "always wrong" each
-   earn the share of routes of that kind (Binomial, choice 4: a half), never more than chance
-   (tests/test_mrpv.py checks both under EAAI's prompts). Without it, "always sound" earns more.
-8. Restated verdicts (Layout.restate, the default; train.py --no-restate gives the bare lines "Route 1 :",
-   "Route 1 : wrong at step 2"). Each route's header names where it ends ("Route 2 : 1": its answer, or
-   the count after its last shown line), and each verdict line restates the comparison before judging:
-   the route's result, "<", "=" or ">", the model's own result at the same depth (its answer when the
-   route is shown whole, else its count after as many lines as the route shows; "vs" between texts that
-   are not numbers). A tiny student never learned bare verdicts (at chance after 300 steps on MRPV
-   examples alone); with the restatement a verdict is two local steps, find the route's result by its
-   label and compare it with the answer just written (RESULTS.md, "Routes that carry a rule the start lacks").
-   The verdict reward reads only the verdict, so a wrong restatement costs nothing by itself.
+7. Restated verdicts. Each route's header names where it ends ("Route 2 : 1": its answer, or the count
+   after its last shown line), and each verdict line restates the comparison before judging: the route's
+   result, "<", "=" or ">", the model's own result at the same depth (its answer when the route is shown
+   whole, else its count after as many lines as the route shows; "vs" between texts that are not
+   numbers). A tiny student did not learn bare verdicts ("Route 1 : wrong at step 2") from MRPV examples
+   alone; with the restatement a verdict is two local steps, find the route's result by its label and
+   compare it with the answer just written (RESULTS.md, "Routes that carry a rule the start lacks").
+   The verdict reward reads only the verdict, so a wrong restatement costs nothing by itself (and a bare
+   verdict line is judged as well).
 """
 
 import math
@@ -103,50 +98,32 @@ def step_lines(text: str) -> list[str]:
     return [x for x in text.split("\n") if not ANSWER.fullmatch(x.strip())]
 
 
-def show(route: Route, frac: float, keep_error: bool = False) -> Route:
-    """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one; with
-    keep_error at least up to a wrong route's first wrong step, choice 7), the answer line only when the
-    whole route is shown; labelled by what is shown (choice 2)."""
+def show(route: Route, frac: float) -> Route:
+    """The part of a route that is shown: the first ceil(frac * steps) step lines (at least one), the answer
+    line only when the whole route is shown; labelled by what is shown (choice 2)."""
     steps = step_lines(route.text)
     m = max(1, math.ceil(frac * len(steps)))
-    if keep_error and route.first_wrong:
-        m = max(m, route.first_wrong)
     if frac >= 1 or m >= len(steps) or (not route.correct and route.first_wrong is None):
         return route
     wrong_shown = route.first_wrong is not None and route.first_wrong <= m
     return Route("\n".join(steps[:m]), not wrong_shown, route.first_wrong if wrong_shown else None)
 
 
-ORDERS = ("verify-solve", "solve-verify")
+ORDERS = ("solve-verify", "verify-solve")  # the response: own steps and answer, then verdicts; or verdicts first
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How an MRPV prompt and its response are laid out (choice 5)."""
-    order: str = "solve-verify"  # own steps and answer, then verdicts; or "verify-solve"
-    route_answers: bool = True  # show each route's answer line (False: its step lines alone)
-    question_last: bool = True  # the routes, then the question (True), or the question first
-    restate: bool = True  # headers name each route's result, verdicts restate the comparison (choice 8)
-
-    def __post_init__(self):
-        if self.order not in ORDERS:
-            raise ValueError(f"MRPV order {self.order!r} is not one of {', '.join(ORDERS)}")
+def valid_order(order: str) -> str:
+    """order, if it is one of ORDERS (choice 5); else a ValueError that names them."""
+    if order not in ORDERS:
+        raise ValueError(f"MRPV order {order!r} is not one of {', '.join(ORDERS)}")
+    return order
 
 
-def route_text(route: Route, layout: Layout) -> str:
-    """A shown route's text in the prompt: whole, or without its answer line."""
-    if layout.route_answers:
-        return route.text
-    return "\n".join(step_lines(route.text))
-
-
-def build_prompt(problem: Problem, routes: list[Route], layout: Layout = Layout()) -> str:
-    """The question, then each shown route under "Route k :" (question_last: the routes, then the
-    question); with layout.restate the header names where the route ends ("Route 2 : 8", choice 8).
-    No routes: the autonomous prompt."""
-    head = lambda r: f" {result(route_text(r, layout))}" if layout.restate else ""
-    shown = "".join(f"Route {k} :{head(r)}\n{route_text(r, layout)}\n" for k, r in enumerate(routes, 1))
-    return shown + problem.question + "\n" if layout.question_last else problem.question + "\n" + shown
+def build_prompt(problem: Problem, routes: list[Route]) -> str:
+    """Each shown route under a header that names where it ends ("Route 2 : 8", choice 7), then the question
+    (choice 5). No routes: the autonomous prompt."""
+    shown = "".join(f"Route {k} : {result(r.text)}\n{r.text}\n" for k, r in enumerate(routes, 1))
+    return shown + problem.question + "\n"
 
 
 def result(text: str) -> str:
@@ -156,7 +133,7 @@ def result(text: str) -> str:
 
 
 def relation(theirs: str, mine: str) -> str:
-    """"=" when two results check equal, else "<" or ">" between numbers, "vs" between other texts (choice 8)."""
+    """"=" when two results check equal, else "<" or ">" between numbers, "vs" between other texts (choice 7)."""
     if check(theirs, mine):
         return "="
     try:
@@ -165,28 +142,28 @@ def relation(theirs: str, mine: str) -> str:
         return "vs"
 
 
-def restated(route: Route, solution: str, layout: Layout = Layout()) -> str:
-    """What a verdict compares (choice 8): the route's result as its header shows it against the solution's at
+def restated(route: Route, solution: str) -> str:
+    """What a verdict compares (choice 7): the route's result as its header shows it against the solution's at
     the same depth: the answer when the route's answer line is shown, else the count after as many step lines."""
-    text = route_text(route, layout)
-    theirs = result(text)
-    depth = None if parse(text).answer is not None else len(step_lines(text))
+    theirs = result(route.text)
+    depth = None if parse(route.text).answer is not None else len(step_lines(route.text))
     mine = result(solution if depth is None else "\n".join(step_lines(solution)[:depth]))
     return f"{theirs} {relation(theirs, mine)} {mine}"
 
 
-def verdict_line(k: int, route: Route, solution: str | None = None, layout: Layout = Layout()) -> str:
-    """Route k's verdict; given the solution, it first restates what it compares (Layout.restate)."""
+def verdict_line(k: int, route: Route, solution: str | None = None) -> str:
+    """Route k's verdict; given the solution, it first restates what it compares (choice 7)."""
     said = "sound" if route.correct else f"wrong at step {route.first_wrong}" if route.first_wrong else "wrong"
-    return f"Route {k} : {'' if solution is None else restated(route, solution, layout) + ' -> '}{said}"
+    return f"Route {k} : {'' if solution is None else restated(route, solution) + ' -> '}{said}"
 
 
-def teacher_response(routes: list[Route], solution: str, layout: Layout = Layout()) -> str:
+def teacher_response(routes: list[Route], solution: str, order: str = "solve-verify") -> str:
     """The response a teacher that knows each route's label writes: its own solution (step lines and the
-    answer line), then the verdicts (solve-verify, the default); verify-solve: the verdicts first."""
-    own = solution if layout.restate else None
-    verdicts = "".join(verdict_line(k, r, own, layout) + "\n" for k, r in enumerate(routes, 1))
-    return solution + "\n" + verdicts.rstrip("\n") if layout.order == "solve-verify" and routes else verdicts + solution
+    answer line), then the restated verdicts (solve-verify, the default); verify-solve: the verdicts first."""
+    verdicts = "".join(verdict_line(k, r, solution) + "\n" for k, r in enumerate(routes, 1))
+    if valid_order(order) == "solve-verify" and routes:
+        return solution + "\n" + verdicts.rstrip("\n")
+    return verdicts + solution
 
 
 # ---- parsing a completion ----
@@ -257,12 +234,10 @@ class Weights:
     verdict: float = 0.5
     step: float = 0.5  # 0 turns the process part (first-wrong-step localisation) off
     format: float = 0.1
-    chain: float = 0.0  # our addition (train.py --reward steps): credit for the model's own chain, per line
     consistent: bool = False  # choice 6: verdict credit only when the verdict agrees with the model's own answer
-    gate: bool = False  # our option: a completion without one verdict per shown route scores 0 in total
 
 
-PARTS = ("answer", "verdict", "step", "format", "chain")  # the components of a Reward, weighted by Weights
+PARTS = ("answer", "verdict", "step", "format")  # the components of a Reward, weighted by Weights
 
 
 @dataclass
@@ -272,16 +247,14 @@ class Reward:
     step: float | None  # None: no wrong route with a known first wrong step shown, or switched off
     format: float
     total: float
-    chain: float | None = None  # None: no reference route given, or switched off
 
 
-def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), reference: str | None = None,
-           free_form: bool = False, layout: Layout = Layout()) -> Reward:
-    """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`). With a
-    reference route and w.chain > 0, chain = the share of the reference's step lines that the
-    completion's own step lines reproduce at the same place (not part of the paper; our option).
-    free_form (real data, e.g. GSM8K): without an answer line, domain.extract_answer finds the answer
-    (\\boxed{}, ####, the last number); the format reward still asks for the answer line."""
+def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = Weights(), free_form: bool = False,
+           order: str = "solve-verify") -> Reward:
+    """Rewards of one completion for a prompt that showed `routes` (as shown, see `show`), its response laid
+    out in `order` (ORDERS). free_form (real data, e.g. GSM8K): without an answer line, domain.extract_answer
+    finds the answer (\\boxed{}, ####, the last number); the format reward still asks for the answer line."""
+    valid_order(order)
     p = parse(completion)
     K = len(routes)
     mine = answer_of(completion, free_form, p)
@@ -292,7 +265,7 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
         marks = judged(p, routes)
         ok = [right for right, _ in marks]
         if w.consistent:  # choice 6: "sound" only for a route reaching the model's own answer, "wrong" otherwise
-            theirs = [parse(route_text(r, layout)).answer for r in routes]
+            theirs = [parse(r.text).answer for r in routes]
             ok = [o and (a is None or (mine is not None and (s is None) == check(a, mine)))
                   for o, s, a in zip(ok, said, theirs)]
         verdict = sum(ok) / K
@@ -300,15 +273,9 @@ def reward(completion: str, problem: Problem, routes: list[Route], w: Weights = 
         if located and w.step > 0:
             step = sum(located) / len(located)
     one_each = p.verdict_order == list(range(1, K + 1))
-    shape = f"S+AV{{{K}}}" if layout.order == "solve-verify" and K else f"V{{{K}}}S+A"
+    shape = f"S+AV{{{K}}}" if order == "solve-verify" and K else f"V{{{K}}}S+A"
     fmt = float(one_each and re.fullmatch(shape, p.layout) is not None and p.answer is not None)
-    chain = None
-    if reference is not None and w.chain > 0:
-        ref = [x.strip() for x in step_lines(reference) if x.strip()]
-        chain = sum(a == b for a, b in zip(p.steps, ref)) / max(1, len(ref))
-    parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt), (w.chain, chain)]
+    parts = [(w.answer, answer), (w.verdict, verdict), (w.step, step), (w.format, fmt)]
     parts = [(wi, ri) for wi, ri in parts if ri is not None and wi > 0]
     total = sum(wi * ri for wi, ri in parts) / sum(wi for wi, _ in parts) if parts else 0.0
-    if w.gate and K and sorted(p.verdicts) != list(range(1, K + 1)):
-        total = 0.0  # skipping the verification does not pay, whatever the answer
-    return Reward(answer, verdict, step, fmt, total, chain)
+    return Reward(answer, verdict, step, fmt, total)

@@ -68,22 +68,3 @@ def test_bad_schedules():
     with pytest.raises(ValueError, match=">= 0"):
         E.Schedule(decay=-1)
 
-
-def test_sequential_fade_moves_one_thing_at_a_time():
-    sched = E.Schedule("linear", 0, 90)
-    ann = E.Annealer(sched, 3, seed=0, fade="sequential")
-    def stats(t):
-        hs = [ann.hint(t) for _ in range(3000)]
-        shown = [x for x in hs if x.show]
-        return (len(shown) / len(hs), sum(x.k for x in shown) / max(1, len(shown)),
-                sum(x.frac for x in shown) / max(1, len(shown)))
-    assert stats(0) == (1.0, 3.0, 1.0)  # exact (also frac, k below): means of equal values that h sets by min / max
-    show, k, frac = stats(15)  # h = 5/6: only the count moves
-    assert show == 1.0 and 1.8 < k < 2.2 and frac == 1.0
-    show, k, frac = stats(45)  # h = 1/2: one route, its prefix moves
-    assert show == 1.0 and k == 1.0 and abs(frac - 0.5) < 1e-9
-    show, k, frac = stats(75)  # h = 1/6: the share of prompts with a route moves
-    assert 0.45 < show < 0.55 and k == 1.0 and frac == 0.0
-    assert stats(90)[0] == 0.0
-    with pytest.raises(ValueError, match="fade"):
-        E.Annealer(sched, 3, fade="sideways")

@@ -5,8 +5,7 @@ import pytest
 import domain as D
 import mrpv as P
 
-# the other layout: verdicts first, the question first, plain verdicts
-VS = P.Layout("verify-solve", question_last=False, restate=False)
+VS = "verify-solve"  # the other order: verdicts first
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +17,12 @@ def case():
 
 def test_zero_routes_is_the_autonomous_prompt(case):
     p, pos, neg = case
-    assert P.build_prompt(p, []) == P.build_prompt(p, [], VS) == p.question + "\n"
-    prompt = P.build_prompt(p, [neg, pos], VS)
-    assert prompt.startswith(p.question + "\nRoute 1 :\n" + neg.text + "\nRoute 2 :\n" + pos.text)
+    assert P.build_prompt(p, []) == p.question + "\n"
+    prompt = P.build_prompt(p, [neg, pos])
     tok = D.tokenizer()
-    response = P.teacher_response([neg, pos], pos.text, VS)
-    assert tok.decode(tok.encode(prompt + response)) == prompt + response  # every word is in the vocabulary
+    for order in P.ORDERS:
+        response = P.teacher_response([neg, pos], pos.text, order)
+        assert tok.decode(tok.encode(prompt + response)) == prompt + response  # every word is in the vocabulary
 
 
 def rewards(r):
@@ -31,8 +30,7 @@ def rewards(r):
 
 
 def test_hand_written_completions(case):
-    """Verify-then-solve; the default layout's own table is in
-    test_solve_then_verify_layout_and_routes_without_answers."""
+    """Verify-then-solve; the default order's own table is in test_solve_then_verify_layout."""
     p, pos, neg = case
     routes, s = [neg, pos], neg.first_wrong
     bad_steps = neg.text.replace("Answer", "Answers")  # the wrong route's steps, its answer line broken
@@ -52,7 +50,7 @@ def test_hand_written_completions(case):
         "garbage": ("lorem ipsum", (0.0, 0.0, 0.0, 0.0, 0.0)),
     }
     for name, (completion, want) in table.items():
-        assert rewards(P.reward(completion, p, routes, layout=VS)) == want, name
+        assert rewards(P.reward(completion, p, routes, order=VS)) == want, name
 
 
 def test_no_routes_counts_answer_and_format_only(case):
@@ -133,44 +131,18 @@ def test_partly_shown_routes_are_judged_on_what_is_shown(case):
     assert P.show(unknown, 0.3) == unknown
 
 
-def test_chain_credit_counts_lines_of_the_right_route(case):
+def test_solve_then_verify_layout(case):
     p, pos, neg = case
-    w = P.Weights(chain=1.0)
-    n = len(pos.text.split("\n")) - 1
-    assert P.reward(pos.text, p, [], w, reference=pos.text).chain == 1.0
-    k = neg.first_wrong - 1  # lines before the first wrong step are right, later ones follow the error
-    r = P.reward(neg.text, p, [], w, reference=pos.text)
-    assert k / n <= r.chain < 1.0 and r.answer == 0.0
-    assert P.reward(neg.text, p, [], P.Weights(), reference=pos.text).chain is None  # off by default
-    assert P.reward("garbage", p, [], w, reference=pos.text).chain == 0.0
-
-
-def test_the_verdict_gate_zeroes_a_response_that_skips_verification(case):
-    p, pos, neg = case
-    gate = P.Weights(gate=True)
-    skipped = P.reward(pos.text, p, [pos, neg], gate)  # the right answer, but no verdicts
-    assert skipped.answer == 1.0 and skipped.total == 0.0
-    assert P.reward(pos.text, p, [pos, neg], P.Weights()).total > 0  # off by default: partial credit
-    full = P.reward(P.teacher_response([pos, neg], pos.text), p, [pos, neg], gate)
-    assert full.total == 1.0
-    half = P.reward(P.verdict_line(1, pos) + "\n" + pos.text, p, [pos, neg], gate)  # route 2 left out
-    assert half.total == 0.0
-    assert P.reward(pos.text, p, [], gate).total > 0.9  # no route shown: nothing to verify
-
-
-def test_solve_then_verify_layout_and_routes_without_answers(case):
-    p, pos, neg = case
-    sv = P.Layout()  # the default
-    assert (sv.order, sv.question_last, sv.route_answers, sv.restate) == ("solve-verify", True, True, True)
     routes = [neg, pos]
-    response = P.teacher_response(routes, pos.text, sv)
+    response = P.teacher_response(routes, pos.text)
+    assert response == P.teacher_response(routes, pos.text, "solve-verify")  # the default
     mine, theirs = p.answer, neg.text.rsplit(" ", 1)[1]
     rel = "<" if int(theirs) < int(mine) else ">"
     assert response == pos.text + (f"\nRoute 1 : {theirs} {rel} {mine} -> wrong at step {neg.first_wrong}"
                                    f"\nRoute 2 : {mine} = {mine} -> sound")
-    assert rewards(P.reward(response, p, routes, layout=sv)) == (1.0, 1.0, 1.0, 1.0, 1.0)
-    assert P.reward(response, p, routes, layout=VS).format == 0.0  # the other order breaks the format, not the rest
-    assert P.reward(P.teacher_response(routes, pos.text, VS), p, routes, layout=sv).format == 0.0
+    assert rewards(P.reward(response, p, routes)) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    assert P.reward(response, p, routes, order=VS).format == 0.0  # the other order breaks the format, not the rest
+    assert P.reward(P.teacher_response(routes, pos.text, VS), p, routes).format == 0.0
     s = neg.first_wrong
     table = {  # the default layout on hand-written completions
         "right answer, wrong verdicts": (f"{pos.text}\nRoute 1 : sound\nRoute 2 : wrong at step 1",
@@ -183,24 +155,19 @@ def test_solve_then_verify_layout_and_routes_without_answers(case):
     }
     for name, (completion, want) in table.items():
         assert rewards(P.reward(completion, p, routes)) == want, name
-    assert P.teacher_response([], pos.text, sv) == pos.text  # no route: the autonomous response
-    assert P.build_prompt(p, [], sv) == p.question + "\n"
-    hidden = P.build_prompt(p, routes, P.Layout(route_answers=False))
-    assert "Answer" not in hidden and neg.text.split("\n")[0] in hidden
-    assert P.build_prompt(p, routes).count("Answer :") == 2
-    last = P.build_prompt(p, routes, P.Layout(question_last=True))
-    # headers name results
-    assert last == f"Route 1 : {theirs}\n{neg.text}\nRoute 2 : {mine}\n{pos.text}\n{p.question}\n"
-    plain = P.Layout(restate=False)
-    assert P.build_prompt(p, routes, plain) == f"Route 1 :\n{neg.text}\nRoute 2 :\n{pos.text}\n{p.question}\n"
-    assert P.teacher_response(routes, pos.text, plain) == \
-        pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"
-    assert rewards(P.reward(P.teacher_response(routes, pos.text, plain), p, routes)) == (1.0, 1.0, 1.0, 1.0, 1.0)
-    assert P.build_prompt(p, [], P.Layout(question_last=True)) == p.question + "\n"
+    assert P.teacher_response([], pos.text) == P.teacher_response([], pos.text, VS) == pos.text  # the autonomous one
+    assert P.build_prompt(p, []) == p.question + "\n"
+    prompt = P.build_prompt(p, routes)
+    # the routes with their answer lines under headers that name their results, then the question
+    assert prompt == f"Route 1 : {theirs}\n{neg.text}\nRoute 2 : {mine}\n{pos.text}\n{p.question}\n"
+    bare = pos.text + f"\nRoute 1 : wrong at step {neg.first_wrong}\nRoute 2 : sound"  # verdicts that restate nothing
+    assert rewards(P.reward(bare, p, routes)) == (1.0, 1.0, 1.0, 1.0, 1.0)
     tok = D.tokenizer()
-    assert tok.decode(tok.encode(hidden + response)) == hidden + response
-    with pytest.raises(ValueError, match="order"):
-        P.Layout("sideways")
+    assert tok.decode(tok.encode(prompt + response)) == prompt + response
+    with pytest.raises(ValueError, match="order 'sideways' is not one of solve-verify, verify-solve"):
+        P.teacher_response(routes, pos.text, "sideways")
+    with pytest.raises(ValueError, match="order 'sideways'"):
+        P.reward(response, p, routes, order="sideways")
 
 
 def test_consistency_credits_verdicts_only_when_they_agree_with_the_own_answer(case):
@@ -223,31 +190,27 @@ def test_consistency_credits_verdicts_only_when_they_agree_with_the_own_answer(c
         assert P.reward(P.teacher_response([cut], neg.text), p, [cut], c).verdict == 1.0
 
 
-def test_no_constant_verdict_beats_chance_with_errors_kept_in_view():
-    """Over the prompts EAAI shows: 'always sound' earns more than half of the verdict reward when a cut
-    wrong route turns sound (the default), and no more than chance with keep_error (the sequential fade's)."""
-    import eaai
-    problems, banks = [], []
+def test_always_sound_beats_chance_on_the_routes_eaai_cuts():
+    """Over the prompts EAAI shows, a wrong route cut before its error is sound (choice 2), so 'always sound'
+    earns more than half of the verdict reward (Binomial, choice 4: half the routes wrong) and 'always wrong' less."""
     import distill
+    import eaai
     problems, banks = distill.embedded_set("dev", 150, R=3)
     rng = random.Random(0)
 
-    def constant(verdict, keep_error, fade):
-        ann = eaai.Annealer(eaai.Schedule("linear", 0, 100), 3, seed=1, fade=fade)
+    def constant(verdict):
+        ann = eaai.Annealer(eaai.Schedule("linear", 0, 100), 3, seed=1)
         got = []
         for step in range(0, 100, 5):
             for p, b in zip(problems, banks):
                 h = ann.hint(step)
                 if h.show:
-                    shown = [P.show(r, h.frac, keep_error) for r in P.select_routes(b, h.k, 0.5, rng)]
+                    shown = [P.show(r, h.frac) for r in P.select_routes(b, h.k, 0.5, rng)]
                     text = "".join(f"Route {k} : {verdict}\n" for k in range(1, len(shown) + 1)) + "x\nAnswer : 1"
                     got.append(P.reward(text, p, shown).verdict)
         return sum(got) / len(got)
 
-    assert constant("sound", False, "together") > 0.6  # the default cut: a half-shown wrong route is "sound"
-    for fade in eaai.FADES:
-        for verdict in ("sound", "wrong"):
-            assert constant(verdict, True, fade) < 0.53, (fade, verdict)
+    assert constant("sound") > 0.6 and constant("wrong") < 0.4
 
 
 def test_verdict_lines_of_tokens():
@@ -283,8 +246,8 @@ def test_restated_verdicts_compare_at_the_shown_depth(case):
 
 
 def test_restated_verdicts_of_free_form_answers_and_of_routes_without_answer_lines(case):
-    """An answer with spaces restates as one word, so the teacher's own response scores in full; with the routes'
-    answer lines hidden the header and the verdict line both restate the last shown count."""
+    """An answer with spaces restates as one word, so the teacher's own response scores in full; for a route shown
+    without its answer line (cut, as EAAI shows it) the header and the verdict line both restate its last count."""
     p = D.Problem("Which city ?", "New York")
     right, wrong = D.Route("look it up\nAnswer : New York", True), D.Route("guess\nAnswer : Boston", False, 1)
     response = P.teacher_response([wrong, right], "look it up\nAnswer : New York")
@@ -292,9 +255,9 @@ def test_restated_verdicts_of_free_form_answers_and_of_routes_without_answer_lin
     r = P.reward(response, p, [wrong, right])
     assert (r.answer, r.verdict, r.step, r.format) == (1.0, 1.0, 1.0, 1.0)
     q, pos, neg = case
-    hidden = P.Layout(route_answers=False)
     k = len(P.step_lines(neg.text))
-    theirs, mine = P.result(P.route_text(neg, hidden)), P.step_lines(pos.text)[k - 1].rsplit(" ", 1)[1]
-    assert P.build_prompt(q, [neg], hidden).startswith(f"Route 1 : {theirs}\n")
-    assert P.verdict_line(1, neg, pos.text, hidden).startswith(
-        f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong")
+    cut = D.Route("\n".join(P.step_lines(neg.text)), False, neg.first_wrong)  # every step line, no answer line
+    theirs, mine = P.result(cut.text), P.step_lines(pos.text)[k - 1].rsplit(" ", 1)[1]
+    assert theirs == P.result(neg.text)  # the last count is the answer
+    assert P.build_prompt(q, [cut]).startswith(f"Route 1 : {theirs}\n")
+    assert P.verdict_line(1, cut, pos.text).startswith(f"Route 1 : {theirs} {P.relation(theirs, mine)} {mine} -> wrong")
