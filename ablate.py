@@ -1,10 +1,9 @@
 """The ablation: the paper's comparisons on the embedded domain, every arm from the same distilled start.
 
-    python ablate.py --quick              # distill, grpo, cot-synth, realm; one seed, a shorter start -> out/ablate/results.md
+    python ablate.py --quick              # distill, grpo, cot-synth, realm; one seed -> out/ablate/results.md
     python ablate.py                      # the paper's seven arms, 5 seeds (--arms: also unguided-realm, zero)
     python ablate.py --arms grpo,realm --lr 1e-4 --eaai-decay 0.3    # any train.py flag goes to every arm
     python ablate.py --out out/ablate --resume                        # run what is missing
-    (python train.py --stage ablate ... is the same command)
 
 Every arm is a plain `train.py` command run as a subprocess (its log beside its folder), from the same
 seed's distilled start with the same RL budget, then evaluated by `train.py --stage eval`; the table is
@@ -36,7 +35,6 @@ Choices that are ours:
    the start through the phase with routes, at the hand-over and at the end; results.md tabulates them.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -53,17 +51,22 @@ import torch
 from tqdm import tqdm
 
 import domain as D
+import flags as F
 import train
 
-ARMS = {  # name: (what it is, its start: the seed's "guided" or "unguided" distillation or None: scratch, rl flags or None: no rl)
+# name: (what it is; its start: the seed's "guided" or "unguided" distillation, or None: scratch; rl flags, or None:
+# no rl)
+ARMS = {
     "distill": ("distillation only (guided SFT, no RL)", "guided", None),
-    "rft": ("RFT: fine-tune on its own right answers, no routes", "guided", ["--algo", "rft", "--routes", "none", "--reward", "answer"]),
+    "rft": ("RFT: fine-tune on its own right answers, no routes", "guided",
+            ["--algo", "rft", "--routes", "none", "--reward", "answer"]),
     "grpo": ("GRPO without routes, answer reward", "guided", ["--routes", "none", "--reward", "answer"]),
-    "cot-synth": ("CoT-Synthesizer style: routes always, answer reward", "guided", ["--no-anneal", "--reward", "answer"]),
+    "cot-synth": ("CoT-Synthesizer style: routes always, answer reward", "guided",
+                  ["--no-anneal", "--reward", "answer"]),
     "mrpv": ("MRPV without EAAI: routes always, answer + verdict rewards", "guided", ["--no-anneal"]),
     "eaai": ("EAAI without the verdict rewards: routes fade, answer reward", "guided", ["--reward", "answer"]),
     "realm": ("ReaLM: MRPV + EAAI", "guided", []),
-    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", ["--unguided"]),  # for --fresh-problems' routes
+    "unguided-realm": ("ReaLM from the unguided distillation", "unguided", ["--unguided"]),
     "zero": ("ReaLM-Zero: ReaLM from the random-weight model, no SFT", None, []),
 }
 DEFAULT_ARMS = ("distill", "rft", "grpo", "cot-synth", "mrpv", "eaai", "realm")  # the paper's comparisons (choice 1)
@@ -74,28 +77,29 @@ NOT_TRAINING = ("stage", "out", "device", "eval_every", "eval_n", "eval_splits",
 RL_STEPS = 60  # choice 1
 QUICK_RL_STEPS = 30  # choice 5
 LINKS_ARM = "realm"  # whose mechanism is measured link by link (choice 6)
-SET_BY_ABLATE = ("--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
-VERSION = 2  # of ablate.json: 2 since the route-only rule changed the defaults of the data and the format
+SET_BY_ABLATE = ("--stage", "--init", "--data", "--eval-data")  # train.py flags the ablation sets per run
 PARTS = ("_taught", "_route_only")  # the embedded domain's parts of a split (domain.py choice 5), in results.jsonl
 
 
 # ---- flags ----
 
 def parser():
-    ap = train.Parser(description="ReaLM's ablation: every arm from one distilled start, over seeds, "
-                                 "into one table. Any other flag is a train.py flag given to every arm.", allow_abbrev=False)
-    ap.add_argument("--stage", choices=["ablate"], help=argparse.SUPPRESS)  # python train.py --stage ablate
-    ap.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)}; --quick: {','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
-    ap.add_argument("--seeds", type=train.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
+    ap = F.Parser(description="ReaLM's ablation: every arm from one distilled start, over seeds, "
+                                "into one table. Any other flag is a train.py flag given to every arm.",
+                    allow_abbrev=False)
+    ap.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)}; --quick: "
+                    f"{','.join(QUICK_ARMS)}); of: {','.join(ARMS)}")
+    ap.add_argument("--seeds", type=F.count, default=None, help="seeds per arm, from --seed on (default 5; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the first seed")
     ap.add_argument("--quick", action="store_true", help="the paper's two comparisons' arms (unless --arms), one seed "
                     f"(unless --seeds), {QUICK_RL_STEPS} RL steps (unless --steps), from {DEFAULT_START} where it "
                     "holds the seed's distillation")
-    ap.add_argument("--distill-steps", type=train.count, default=train.STAGE_DEFAULTS["distill"]["steps"],
+    ap.add_argument("--distill-steps", type=F.count, default=F.STAGE_DEFAULTS["distill"]["steps"],
                     help="steps of each seed's distillation (default: train.py's, %(default)s)")
-    ap.add_argument("--jobs", type=train.count, default=None, help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
-    ap.add_argument("--eval-splits", default="test", help="the embedded splits every arm is evaluated on (default test; "
-                    "of dev, test, hard: choose settings on dev, never on test)")
+    ap.add_argument("--jobs", type=F.count, default=None,
+                    help="runs at a time, sharing the CPU cores (default: 2 on CPU, 1 on CUDA)")
+    ap.add_argument("--eval-splits", default="test", help="the embedded splits every arm is evaluated on (default "
+                    "test; of dev, test, hard: choose settings on dev, never on test)")
     ap.add_argument("--out", default="out/ablate", help="the ablation's folder")
     ap.add_argument("--resume", action="store_true", help="run what --out's runs.jsonl lacks, with the saved flags")
     return ap
@@ -117,16 +121,15 @@ def get_args(argv):
     if any(f.split("=")[0] == "--show" for f in rest):
         raise D.DataError("--show: is for train.py --stage eval (the ablation's evaluations score every problem)")
     args.rl_steps = QUICK_RL_STEPS if args.quick else RL_STEPS  # unless rest has --steps
-    rl = train.get_args(["--stage", "rl", "--steps", str(args.rl_steps), *rest])  # checks every passed-through flag
+    rl = F.parse(["--stage", "rl", "--steps", str(args.rl_steps), *rest])  # checks every passed-through flag
     args.reused = {s: p for s in range(args.seed, args.seed + args.seeds) if (p := reused_start(args, rest, s))}
     return args, rest, rl
 
 
 def distill_flags(rest):
-    """The passed-through flags that also go to the distillation: all but train.py's rl and optimization
-    groups (the arms' RL settings), read from train.py's parser rather than kept here by hand."""
-    rl_only = {opt for group in train.parser()._action_groups if group.title in ("rl", "optimization")
-               for action in group._group_actions for opt in action.option_strings}
+    """The passed-through flags that also go to the distillation: all but flags.py's rl and optimization
+    groups (the arms' RL settings)."""
+    rl_only = F.in_groups("rl", "optimization")
     flags, keep = [], False
     for f in rest:
         if f.startswith("--"):
@@ -153,7 +156,7 @@ def reused_start(args, rest, seed):
         return None
     saved = torch.load(state, map_location="cpu", weights_only=False).get("args", {})
     argv = ["--stage", "distill", *distill_flags(rest), "--steps", str(args.distill_steps), "--seed", str(seed)]
-    wanted = vars(train.get_args(argv))
+    wanted = vars(F.parse(argv))
     same = all(saved.get(k) == v for k, v in wanted.items() if k not in NOT_TRAINING)
     return DEFAULT_START if same and saved.get("stage") == "distill" else None
 
@@ -174,13 +177,16 @@ def runs_of(args, rest, rl, out: Path):
                 continue  # made before: the arms start at once
             if any(ARMS[a][1] == kind for a in args.arms):
                 unguided = ["--unguided"] if kind == "unguided" else []
-                runs.append(Run((kind, s), None, folder, [[*distill_cmd, "--seed", str(s), "--out", str(folder), *unguided]]))
+                cmd = [*distill_cmd, "--seed", str(s), "--out", str(folder), *unguided]
+                runs.append(Run((kind, s), None, folder, [cmd]))
         for a in args.arms:
             _, kind, arm_flags = ARMS[a]
             folder = out / f"seed{s}" / a
             init = str(start[kind]) if kind else "scratch"
             measure = link_flags(args, rl) if a == LINKS_ARM else []
-            cmds = [] if arm_flags is None else [[*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *measure]]
+            cmds = []
+            if arm_flags is not None:
+                cmds.append([*rl_cmd, "--seed", str(s), "--init", init, "--out", str(folder), *arm_flags, *measure])
             cmds.append([*eval_cmd, "--init", str(start[kind] if arm_flags is None else folder), "--out", str(folder)])
             needs = None if kind is None or (kind == "guided" and reused) else (kind, s)
             runs.append(Run((a, s), needs, folder, cmds))
@@ -237,15 +243,13 @@ def start(argv):
         if not saved.is_file():
             raise D.DataError(f"--resume: {saved} not found")
         run = json.loads(saved.read_text())
-        if run.get("version", 1) < VERSION:  # its starts were distilled with other defaults: data, format, tokenizer
-            raise D.DataError(f"--resume: {saved} was made by an earlier version (before the route-only rule); start a new ablation")
         jobs = args.jobs
         args, rest, rl = get_args(run["argv"])
         args.jobs, args.resume, args.out = jobs, True, str(out)
         return args, rest, rl, out, run["command"]
-    command = " ".join(["python train.py" if args.stage else "python ablate.py", *map(shlex.quote, argv)])
+    command = " ".join(["python ablate.py", *map(shlex.quote, argv)])
     train.fresh_run_folder(out)
-    saved.write_text(json.dumps({"command": command, "argv": argv, "version": VERSION}, indent=1) + "\n")
+    saved.write_text(json.dumps({"command": command, "argv": argv}, indent=1) + "\n")
     return args, rest, rl, out, command
 
 
@@ -259,12 +263,12 @@ def main(argv=None):
 
 def run_ablation(argv):
     args, rest, rl, out, command = start(argv)
-    jobs = args.jobs or (1 if train.pick_device(rl.device).type == "cuda" else 2)
+    jobs = args.jobs or (1 if F.pick_device(rl.device).type == "cuda" else 2)
     done = out / "runs.jsonl"
     finished = {tuple(json.loads(x)["key"]) for x in done.read_text().splitlines()} if done.is_file() else set()
     pending = [r for r in runs_of(args, rest, rl, out) if r.key not in finished]
-    print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl steps of "
-          f"{rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
+    print(f"ablate: arms {', '.join(args.arms)}; seeds {args.seed}..{args.seed + args.seeds - 1}; {rl.steps} rl "
+          f"steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples each, from each seed's distillation "
           f"({args.distill_steps} steps{reused_text(args)}); "
           f"eval on {', '.join(args.splits)}; {len(pending)} runs, {jobs} at a time; "
           f"writing {out}/ (each run's output in its .log)", flush=True)
@@ -308,11 +312,13 @@ def record(out: Path, r: Run, seconds, threads):
     (RL steps whose prompts showed no route, skipped ones left out) with their summed learning rate."""
     if r.key[0] in ARMS:
         metrics = r.folder / "metrics.jsonl"
-        steps = [x for x in map(json.loads, metrics.read_text().splitlines()) if x.get("stage") == "rl"] if metrics.is_file() else []
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        steps = [x for x in map(json.loads, lines) if x.get("stage") == "rl"]
         auto = [x["lr"] for x in steps if x["autonomous"] and not x["skipped_updates"]]
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
-                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous", "right_with_routes")},
+                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous",
+                                             "right_with_routes")},
                       **{k: v for k, v in row.items()
                          if k.endswith(PARTS) or k.startswith(("n_", "rule_prior")) or k == "route_only"},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
@@ -373,7 +379,7 @@ def cpu_name():
 
 
 KINDS = {"alone": "autonomous", "with routes": "with_routes"}
-PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all of it
+PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all
 COMPARISONS = (("realm", "cot-synth", "with routes", "+4.2"), ("realm", "grpo", "alone", "+2.6"))  # the paper's two
 
 
@@ -395,8 +401,10 @@ def write_table(out: Path, args, rl, command):
     """results.md: per split, each arm's accuracy alone and with routes and its verdicts, by part (taught,
     route-only), mean ± std over the seeds done, with its autonomous updates; each arm against the distilled
     start, GRPO and CoT-Synthesizer style: paired differences with 95 % intervals, by part; whether the start
-    reads routes; the paper's two comparisons on route-only problems (also returned, as lines); ReaLM's links (choice 6)."""
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").is_file() else []
+    reads routes; the paper's two comparisons on route-only problems (also returned, as lines); ReaLM's links
+    (choice 6)."""
+    results = out / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()] if results.is_file() else []
     res = {(r["arm"], r["seed"], r["split"]): r for r in rows}  # a rerun's line wins
     runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
     minutes = lambda name: [r["minutes"] for r in runs if r["key"][0] == name]
@@ -405,7 +413,7 @@ def write_table(out: Path, args, rl, command):
     bits = lambda a, sp, k, part: {s: part_bits(res[a, s, sp], k, part) for s in done(a)}
     took = f"{mean_or_dash(minutes('guided'))} min a seed" if minutes("guided") else ""  # none where all reused
     start = [f"{args.distill_steps} steps", took, reused_text(args).removeprefix("; ")]
-    machine = torch.cuda.get_device_name() if train.pick_device(rl.device).type == "cuda" else cpu_name()
+    machine = torch.cuda.get_device_name() if F.pick_device(rl.device).type == "cuda" else cpu_name()
     lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
              f"- Every arm starts from the same seed's guided distillation ({'; '.join(filter(None, start))}) "
              "except where its row says otherwise, and gets the same "
@@ -413,47 +421,57 @@ def write_table(out: Path, args, rl, command):
              f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
              f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
              f"problems (what the distillation teaches) and route-only ones (a rule only the teacher's routes carry); "
-             f"'alone': no routes in the prompt; 'with routes': {rl.K} teacher routes, right and wrong. 'Verdicts': the "
-             f"share of shown routes judged right (chance 50 %). 'Autonomous': RL updates with no route in any prompt, "
-             f"and their summed learning rate.",
+             f"'alone': no routes in the prompt; 'with routes': {rl.K} teacher routes, right and wrong. 'Verdicts': "
+             f"the share of shown routes judged right (chance 50 %). 'Autonomous': RL updates with no route in any "
+             f"prompt, and their summed learning rate.",
              f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
              f"{sum(r['minutes'] for r in runs):.0f} min."]
     lines += start_lines(res, args, splits[0])
     for sp in splits:
         here = [r for r in rows if r["split"] == sp]
         parts, n = parts_of(here), "/".join(map(str, sorted({r["n"] for r in here})))
-        sizes = ", ".join(f"{'/'.join(map(str, sorted({r[f'n{p}'] for r in here})))} {PARTS_SHOWN[p]}" for p in parts if p)
+        sizes = ", ".join(f"{'/'.join(map(str, sorted({r[f'n{p}'] for r in here})))} {PARTS_SHOWN[p]}"
+                          for p in parts if p)
         head = " | ".join(f"{PARTS_SHOWN[p]} {m}" for p in parts for m in KINDS)
         lines += ["", f"## {sp}: {n} problems{f' ({sizes})' if sizes else ''}", "",
                   f"| arm | what | seeds | {head} | " + " | ".join(f"verdicts {PARTS_SHOWN[p]}" for p in parts)
                   + " | autonomous updates (Σ lr) | min a run |", "|---|---|---|" + "---|" * (3 * len(parts) + 2)]
         for a in args.arms:
             ds = [s for s in done(a) if (a, s, sp) in res]
-            cell = lambda key: mean_std(xs) if (xs := [v for s in ds if (v := res[a, s, sp].get(key)) is not None]) else "-"
+            values = lambda key: [v for s in ds if (v := res[a, s, sp].get(key)) is not None]
+            cell = lambda key: mean_std(values(key)) if values(key) else "-"
             auto = [(res[a, s, sp]["autonomous_updates"], res[a, s, sp]["autonomous_lr_sum"]) for s in ds]
-            auto = f"{mean_or_dash([u for u, _ in auto])} ({sum(x for _, x in auto) / max(1, len(auto)):.2g})" if auto else ""
-            lines.append(f"| {a} | {ARMS[a][0]} | {len(ds)} | " + " | ".join(cell(f"acc_{k}{p}") for p in parts for k in KINDS.values())
-                         + " | " + " | ".join(cell(f"verdict_acc{p}") for p in parts) + f" | {auto} | {mean_or_dash(minutes(a))} |")
+            lr_sum = sum(x for _, x in auto) / max(1, len(auto))
+            auto = f"{mean_or_dash([u for u, _ in auto])} ({lr_sum:.2g})" if auto else ""
+            accs = " | ".join(cell(f"acc_{k}{p}") for p in parts for k in KINDS.values())
+            verdicts = " | ".join(cell(f"verdict_acc{p}") for p in parts)
+            took = mean_or_dash(minutes(a))
+            lines.append(f"| {a} | {ARMS[a][0]} | {len(ds)} | {accs} | {verdicts} | {auto} | {took} |")
         for ref in ("distill", "grpo", "cot-synth"):
             if ref not in args.arms or not done(ref):
                 continue
-            lines += ["", f"Each arm minus {ref}, {sp}, paired by seed and problem: mean difference in points [95 % interval]:",
+            lines += ["", f"Each arm minus {ref}, {sp}, paired by seed and problem: mean difference in points "
+                          "[95 % interval]:",
                       "", f"| arm | seeds | {head} |", "|---|---|" + "---|" * len(parts) * 2]
             for a in args.arms:
                 cis = [paired_ci(bits(a, sp, k, p), bits(ref, sp, k, p)) for p in parts for k in KINDS.values()]
                 if a != ref and cis[0]:
                     lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
-        if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help, verdicts beat chance)
-            gains = [(p, paired_ci(bits("distill", sp, "with_routes", p), bits("distill", sp, "autonomous", p))) for p in parts]
-            lines += ["", f"The start, {sp}: with routes minus alone " + "; ".join(f"{PARTS_SHOWN[p]} {ci_text(c)}" for p, c in gains)
+        if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help)
+            gains = [(p, paired_ci(bits("distill", sp, "with_routes", p), bits("distill", sp, "autonomous", p)))
+                     for p in parts]
+            lines += ["", f"The start, {sp}: with routes minus alone "
+                      + "; ".join(f"{PARTS_SHOWN[p]} {ci_text(c)}" for p, c in gains)
                       + f" points (paired over {gains[0][1][3]} seed(s))."]
     sp = splits[0]
     part = "_route_only" if "_route_only" in parts_of([r for r in rows if r["split"] == sp]) else ""
     paper = []
     for a, b, mode, figure in COMPARISONS:
-        c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if a in args.arms and b in args.arms else None
+        both = a in args.arms and b in args.arms
+        c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if both else None
         if c:
-            paper.append(f"{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points (paired over {c[3]} "
+            paper.append(f"{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points (paired over "
+                         f"{c[3]} "
                          f"seed(s); the paper: {figure})")
     lines += [x for p in paper for x in ("", f"**{p}**.")]
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
@@ -507,7 +525,8 @@ def links(out: Path, args, rl, seeds):
             return "hand-over"
         return "routes shown" if step < handover(rl) else "alone"
 
-    lines = ["", f"ReaLM's links, {args.splits[0]} ({LINKS_ARM}'s RL run; EAAI's signal reaches 0 at step {handover(rl)}), "
+    lines = ["", f"ReaLM's links, {args.splits[0]} ({LINKS_ARM}'s RL run; EAAI's signal reaches 0 at step "
+             f"{handover(rl)}), "
              f"mean ± std over the seeds:", "", "| step | | seeds | " + " | ".join(name for _, name in LINKS) + " |",
              "|---|---|---|" + "---|" * len(LINKS)]
     for step, got in sorted(evals.items()):

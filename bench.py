@@ -1,24 +1,26 @@
-"""Benchmarks of the training steps and the sampler, and a side-by-side comparison with another commit.
+"""Benchmarks of the training steps, the decoder and the sampler, and a side-by-side comparison with another commit.
 
     python bench.py tiny                        # RL steps of the tiny default model, phase by phase (rl defaults)
     python bench.py qwen2.5-0.5b --compile      # any shape, any train.py rl flag: --prompts-per-step, --mu, ...
     python bench.py sft                         # SFT steps of the default distillation (its late, MRPV-mixed batches)
     python bench.py sampler                     # rollout.generate against transformers' generate, same weights
+    python bench.py decoder                     # the decoder's forward + backward: tiny, Qwen2.5 0.5B (1.5B on CUDA)
     python bench.py compare HEAD~1 -- tiny      # one of the above on the working tree and on a commit, alternating
     python bench.py sft --profile               # any of them, then where the time went (torch.profiler, by operator;
                                                 # sampler: both samplers together)
 
-Each benchmark leaves out its first step (a warm-up) and prints the mean (tiny, sft) or the median of its rounds
-(sampler). `compare` checks the commit out into a temporary git worktree, copies this file there, and runs
-the benchmark there and here by turns, --rounds times each; it prints each figure's median on both sides
-and their ratio. A speed claim is that ratio: two runs on one machine minutes apart differ by more than
-most changes (RESULTS.md). The timed processes run one at a time; nothing else should run beside them.
-The decoder's own benchmark is `python model.py --bench`, the sampler's against recompute `python
-rollout.py --bench`. `sampler` needs transformers installed (pip install transformers); nothing else does.
+Each benchmark leaves out its first step (a warm-up) and prints the mean (tiny, sft, decoder) or the median of
+its rounds (sampler). `compare` checks the commit out into a temporary git worktree, copies this file there
+(unless --their-bench), and runs the benchmark there and here by turns, --rounds times each; it prints each
+figure's median on both sides and their ratio. A speed claim is that ratio: two runs on one machine minutes
+apart differ by more than most changes (RESULTS.md). The timed processes run one at a time; nothing else
+should run beside them. The sampler's benchmark against recompute is `python rollout.py --bench`. `sampler`
+needs transformers installed (pip install transformers); nothing else does.
 """
 
 import contextlib
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -29,10 +31,11 @@ from pathlib import Path
 import torch
 
 import domain as D
+import flags
 import model as M
 import train
 
-MODES = ("sft", "sampler", "compare")
+MODES = ("sft", "sampler", "decoder", "compare")
 
 
 def rl_report(args) -> dict:
@@ -56,43 +59,61 @@ def bench_rl(shape, rest) -> dict:
     if any(f.split("=")[0] in ("--stage", "--init", "--data", "--resume") for f in rest):
         sys.exit("error: the benchmark sets --stage, --init and --data itself "
                  "(a random-weight model, the embedded domain)")
-    args = train.get_args(["--stage", "rl", "--init", "scratch", "--scratch-shape", shape, "--eval-n", "0",
+    args = flags.parse(["--stage", "rl", "--init", "scratch", "--scratch-shape", shape, "--eval-n", "0",
                            "--steps", "3", "--out", f"out/bench-{shape}", *rest])
     train.run_rl(args)
     return rl_report(args)
 
 
 def bench_sft(rest) -> dict:
-    """SFT steps of `train.py --stage distill` as it runs them (its examples, batches, micro-batches and
-    optimizer), with MRPV examples mixed in from the first step (--mrpv-from 0): the batches of the
-    distillation's later, slower part. Times distill.sft_step (forward and backward) and the whole step."""
-    import distill
-    if any(f.split("=")[0] in ("--stage", "--steps", "--eval-n", "--out") for f in rest):
-        sys.exit("error: the sft benchmark sets --stage, --steps, --eval-n and --out itself")
-    args = train.get_args(["--stage", "distill", "--steps", "6", "--mrpv-from", "0", "--eval-n", "0",
-                           "--out", "out/bench-sft", *rest])
-    times, tokens, inner = [], [], distill.sft_step
-
-    def timed(model, batch, *a, **kw):  # the step's forward and backward, and the wall time between two calls
-        times.append(time.perf_counter())
-        loss = inner(model, batch, *a, **kw)
-        times.append(time.perf_counter())
-        tokens.append(sum(len(e[0]) + len(e[1]) - 1 for e in batch))
-        return loss
-    distill.sft_step = timed
-    try:
-        train.run_distill(args)
-    finally:
-        distill.sft_step = inner
-    fb = [b - a for a, b in zip(times[0::2], times[1::2])][1:]  # the first step left out
-    # start to start: the whole step, batch drawing included
-    step = [b - a for a, b in zip(times[0::2], times[2::2])][1:]
+    """SFT steps of `train.py --stage distill` (its examples, batches, micro-batches and optimizer), with MRPV
+    examples mixed in from the first step (--mrpv-from 0): the batches of the distillation's later, slower part.
+    The step's pieces are called here as train.run_distill calls them (no evaluation, nothing written). Times
+    distill.sft_step (forward and backward) and the whole step, start to start (batch drawing included)."""
+    if any(f.split("=")[0] in ("--stage", "--steps", "--eval-n") for f in rest):
+        sys.exit("error: the sft benchmark sets --stage, --steps and --eval-n itself")
+    args = flags.parse(["--stage", "distill", "--steps", "6", "--mrpv-from", "0", "--eval-n", "0", *rest])
+    starts, fb, tokens = sft_steps(args)
+    fb, tokens = fb[1:], tokens[1:]  # the first step left out
+    step = [b - a for a, b in zip(starts, starts[1:])][1:]
     print(f"bench sft: batch {args.batch_size} + {train.drills(args)} drills, {args.mrpv_share:.0%} MRPV examples, "
           f"micro-tokens {args.micro_tokens}; mean of {len(fb)} steps")
-    print(f"  forward+backward {sum(fb) / len(fb):8.3f} s | {sum(tokens[1:]) / sum(fb):9.0f} tok/s "
+    print(f"  forward+backward {sum(fb) / len(fb):8.3f} s | {sum(tokens) / sum(fb):9.0f} tok/s "
           f"(real tokens, padding not counted)")
     print(f"  {'step':>16} {sum(step) / len(step):8.3f} s (start to start, {len(step)} steps)")
     return {"sft step s": sum(step) / len(step), "sft forward+backward s": sum(fb) / len(fb)}
+
+
+def sft_steps(args):
+    """Run the SFT steps as train.run_distill does -> each step's start time (and the end of the last), the time
+    of each distill.sft_step call, and each batch's real tokens."""
+    import distill
+    import grpo
+    device = flags.pick_device(args.device)
+    model, tok = train.load_student(args, device)
+    problems, banks = train.train_set(args)
+    rng = random.Random(args.seed)
+    _, alone, routed = train.sft_sets(args, problems, banks, tok, rng)
+    opt, autocast = train.make_optimizer(model, args), grpo.autocast_for(device)
+    model.train()
+    starts, fb, tokens = [], [], []
+    for step in range(args.steps):
+        starts.append(time.perf_counter())
+        for g in opt.param_groups:
+            g["lr"] = train.lr_at(step, args)
+        share = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0
+        batch = (distill.draw_batch(alone, routed, share, args.batch_size, rng)
+                 + distill.verdict_drills(train.drills(args), args.K, rng, tok))
+        t0 = time.perf_counter()
+        distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
+        fb.append(time.perf_counter() - t0)
+        tokens.append(sum(len(e[0]) + len(e[1]) - 1 for e in batch))
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    starts.append(time.perf_counter())
+    return starts, fb, tokens
 
 
 def bench_sampler(rest) -> dict:
@@ -100,10 +121,10 @@ def bench_sampler(rest) -> dict:
     the tiny default shape in the Qwen2 layout (q, k, v biases): 16 prompts of 32 tokens, 128 new tokens, no
     end token. Checks the tokens are equal, then times both by turns; prints the medians."""
     import rollout
-    p = train.Parser(prog="bench.py sampler")
-    p.add_argument("--rounds", type=train.count, default=5, help="timed calls of each sampler, by turns")
-    p.add_argument("--batch", type=train.count, default=16, help="prompts")
-    p.add_argument("--new-tokens", type=train.count, default=128, help="new tokens per prompt")
+    p = flags.Parser(prog="bench.py sampler")
+    p.add_argument("--rounds", type=flags.count, default=5, help="timed calls of each sampler, by turns")
+    p.add_argument("--batch", type=flags.count, default=16, help="prompts")
+    p.add_argument("--new-tokens", type=flags.count, default=128, help="new tokens per prompt")
     args = p.parse_args(rest)
     try:
         from transformers import AutoModelForCausalLM
@@ -151,13 +172,85 @@ def bench_sampler(rest) -> dict:
             "ours / transformers speed": med["transformers"] / med["ours"]}
 
 
+BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peak of the cards
+
+
+def train_flops(cfg: M.ModelConfig, n_params, seq):
+    """FLOPs per trained token: 6 per parameter (forward 2, backward 4) plus attention's 12 * layers *
+    width * context (the PaLM paper's count; causal masking not discounted)."""
+    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
+
+
+def bench_decoder(rest) -> dict:
+    """The decoder alone (model.py): forward + backward steps of random weights on random tokens, for the tiny
+    shape and Qwen2.5-0.5B's (and 1.5B's on CUDA); bfloat16 on CUDA, float32 on a CPU. Prints tokens/s, the peak
+    memory and, in bfloat16 on a card of BF16_FLOPS, the MFU."""
+    p = flags.Parser(prog="bench.py decoder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--steps", type=flags.count, default=3, help="timed steps per shape, after one warm-up step")
+    p.add_argument("--threads", type=flags.natural, default=0, help="CPU threads for torch (0: torch's default)")
+    args = p.parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = flags.pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; peak memory is "
+          f"{'allocated CUDA memory' if device.type == 'cuda' else 'the process peak RSS, reset per config'}")
+    big = (8, 1024) if device.type == "cuda" else (1, 256)
+    runs = [("tiny", M.tiny_config(M.TINY_VOCAB), (8, 256)), ("qwen2.5-0.5b", M.qwen25_05b_config(), big)]
+    if device.type == "cuda":
+        runs.append(("qwen2.5-1.5b", M.qwen25_15b_config(), big))
+    return {f"{name} step s": decoder_steps(cfg, name, *shape, args.steps, device, dtype)
+            for name, cfg, shape in runs}
+
+
+def decoder_steps(cfg: M.ModelConfig, name, batch, seq, steps, device, dtype) -> float:
+    """Time `steps` forward + backward steps of a random-weight model (after one warm-up); print one line and
+    return the seconds per step."""
+    M.peak_memory_reset(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Transformer(cfg).to(dtype)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def step():
+        logits = model(tokens[:, :-1])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    line = (f"{name:>12} | {n_params / 1e6:7.1f}M params | {str(dtype).removeprefix('torch.'):>8} | "
+            f"B={batch} T={seq} | fwd+bwd {batch * seq / dt:9.0f} tok/s | {dt * 1000:8.1f} ms/step | "
+            f"peak {M.peak_memory_gib(device):6.2f} GiB")
+    peak = next((f for card, f in BF16_FLOPS.items()
+                 if device.type == "cuda" and card in torch.cuda.get_device_name(device)), None)
+    if peak and dtype == torch.bfloat16:
+        print(line + f" | MFU {train_flops(cfg, n_params, seq) * batch * seq / dt / peak:5.1%}")
+    else:
+        print(line)
+    return dt
+
+
 def compare(rest):
     """`compare REV [--rounds N] -- BENCHMARK ARGS`: the benchmark on the working tree and on commit REV by turns."""
-    p = train.Parser(prog="bench.py compare")
+    p = flags.Parser(prog="bench.py compare")
     p.add_argument("rev", help="the commit to compare the working tree with "
                                "(anything git accepts: HEAD, main~3, a hash)")
-    p.add_argument("--rounds", type=train.count, default=3,
+    p.add_argument("--rounds", type=flags.count, default=3,
                    help="runs of the benchmark on each side, by turns (at least 1)")
+    p.add_argument("--their-bench", action="store_true",
+                   help="run the commit's own bench.py there, not this one (a commit whose modules this file does "
+                        "not know); check that both measure the same thing")
     cut = rest.index("--") if "--" in rest else len(rest)
     # after --: the benchmark and its flags (tiny, sft, sampler, ...)
     args, bench = p.parse_args(rest[:cut]), rest[cut + 1:]
@@ -173,7 +266,8 @@ def compare(rest):
         if git("worktree", "add", "--detach", str(tree), commit).returncode:
             sys.exit(f"error: compare: git could not check out {args.rev} into a temporary worktree")
         try:
-            (tree / "bench.py").write_text(Path(__file__).read_text())  # the same benchmark on both sides
+            if not args.their_bench:
+                (tree / "bench.py").write_text(Path(__file__).read_text())  # the same benchmark on both sides
             sides = {"working tree": here, commit[:10]: tree}
             figures = {side: [] for side in sides}
             for r in range(args.rounds):
@@ -183,8 +277,9 @@ def compare(rest):
                     run = subprocess.run([sys.executable, str(folder / "bench.py"), *bench, "--record", str(record)],
                                          cwd=folder, capture_output=True, text=True)
                     if run.returncode:
+                        hint = "" if args.their_bench or side == "working tree" else " (an older commit: --their-bench)"
                         sys.exit(f"error: compare: the benchmark failed on {side}: "
-                                 f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+                                 f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}{hint}")
                     figures[side].append(json.loads(record.read_text()))
         finally:
             git("worktree", "remove", "--force", str(tree))
@@ -204,8 +299,8 @@ def main(argv=None):
     if "--record" in argv:  # compare's channel: write the figures as JSON to this file
         i = argv.index("--record")
         record, argv = argv[i + 1] if i + 1 < len(argv) else None, argv[:i] + argv[i + 2:]
-    if not argv or argv[0] not in (*train.SCRATCH_SHAPES, *MODES):
-        sys.exit(f"error: the first argument is a benchmark: a model shape ({', '.join(train.SCRATCH_SHAPES)}) for RL "
+    if not argv or argv[0] not in (*flags.SCRATCH_SHAPES, *MODES):
+        sys.exit(f"error: the first argument is a benchmark: a model shape ({', '.join(flags.SCRATCH_SHAPES)}) for RL "
                  f"steps, then any train.py rl flags; or one of {', '.join(MODES)}")
     mode, rest = argv[0], [a for a in argv[1:] if a != "--profile"]
     profile = "--profile" in argv[1:] and mode != "compare"
@@ -215,7 +310,7 @@ def main(argv=None):
         with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile
               else contextlib.nullcontext()) as prof:
             figures = (bench_sft(rest) if mode == "sft" else bench_sampler(rest) if mode == "sampler"
-                       else bench_rl(mode, rest))
+                       else bench_decoder(rest) if mode == "decoder" else bench_rl(mode, rest))
     except (D.DataError, M.CheckpointError, train.TrainingError) as e:
         sys.exit(f"error: {e}")
     if profile:  # the whole run, warm-up and set-up included; the profiler's own cost inflates the many small operators

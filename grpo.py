@@ -16,9 +16,11 @@ One RL step, for G prompts with n samples each (TRL's names in brackets):
     6. aggregate   "token":    L = sum_i,t l_i,t / sum_i |o_i|     (every completion token of the batch)
                    "sequence": L = mean_i (sum_t l_i,t / |o_i|)    (each sequence's mean, then the mean)
                    [loss_type: TRL's "dapo" / "grpo"]
-    7. update      --mu epochs [num_iterations] over the batch, each --num-minibatches optimizer
+    7. update      mu epochs [num_iterations] over the batch, each num_minibatches optimizer
                    steps, each a gradient accumulated over micro-batches; a step whose loss or
                    gradient is not finite is skipped.
+
+`Config` holds the settings the update reads, `Example` one sample of its batch.
 
 On-policy (mu = 1, one minibatch) rho = 1 at every token, so the gradient is REINFORCE with the
 group baseline: grad L = -sum A_i grad log pi(o_i,t) / N (tests/test_grpo.py checks it).
@@ -36,16 +38,41 @@ Choices that are ours:
    consistency, RESULTS.md; --advantages sample: one per sample): each reward component c is normalised
    in its group on its own, A^c_i = group_advantages(r^c); a token gets the weighted mean of the
    components that concern its line: on verdict lines verdict, step and format; on every other line
-   (the model's own steps and answer) answer, chain and format. So the answer's weight on the chain is
+   (the model's own steps and answer) answer and format. So the answer's weight on the chain is
    fixed whatever is shown, and verdict luck never pushes the chain's tokens.
 """
 
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the update reads (TRL's names where one exists; train.py's flags of the same names set them)."""
+    temperature: float = 1.0  # the sampler's; log-probs are log_softmax(logits / temperature)
+    epsilon: float = 0.2  # PPO clip: the ratio is kept above 1 - epsilon ...
+    epsilon_high: float = 0.2  # ... and below 1 + epsilon_high
+    beta: float = 0.0  # k3 KL coefficient to the frozen reference (0: none)
+    loss_type: str = "token"  # "token" or "sequence" (step 6)
+    mu: int = 1  # epochs over each batch of samples [num_iterations]
+    num_minibatches: int = 1  # optimizer steps per epoch (choice 1)
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    micro_tokens: int = 4096  # padded tokens a micro-batch at most (choice 2)
+
+
+class Example(NamedTuple):
+    """One sample in the update's batch."""
+    prompt: list  # token ids
+    completion: list  # token ids
+    old_logprobs: list  # log pi_old per completion token (the sampler's)
+    advantage: float | list  # one for the sample, or one per completion token (choice 5)
+    group: int  # the global index of its prompt: which minibatch it falls in (choice 1)
 
 
 # ---- 3. advantages ----
@@ -84,7 +111,7 @@ def token_advantages(adv, weights, i, on_verdict):
     def mix(cs):
         cs = [c for c in cs if c in adv]
         return sum(weights[c] * float(adv[c][i]) for c in cs) / sum(weights[c] for c in cs) if cs else 0.0
-    a_verdict, a_chain = mix(("verdict", "step", "format")), mix(("answer", "chain", "format"))
+    a_verdict, a_chain = mix(("verdict", "step", "format")), mix(("answer", "format"))
     return [a_verdict if v else a_chain for v in on_verdict]
 
 
@@ -216,30 +243,30 @@ def sum_grads(model, world):
             dist.all_reduce(p.grad)
 
 
-def minibatch_loss(model, ref, part, n, args, pad_id):
+def minibatch_loss(model, ref, part: list[Example], n, cfg: Config, pad_id):
     """Forward and backward over one minibatch in micro-batches; each micro-batch's loss weighted by its
     share of the minibatch's n tokens (or sequences) summed over processes (choice 2).
     Returns the summed (loss, clip_frac, kl) of this process's share."""
     device = model.lm_head.weight.device
     autocast = autocast_for(device)
     loss_sum = clip_sum = kl_sum = 0.0
-    for micro in micro_batches(part, args.micro_tokens):
-        prompts, completions = [e[0] for e in micro], [e[1] for e in micro]
+    for micro in micro_batches(part, cfg.micro_tokens):
+        prompts, completions = [e.prompt for e in micro], [e.completion for e in micro]
         with autocast:
-            logp, mask = sequence_logprobs(model, prompts, completions, pad_id, args.temperature)  # (m, L)
+            logp, mask = sequence_logprobs(model, prompts, completions, pad_id, cfg.temperature)  # (m, L)
         ref_logp = None
         if ref is not None:
             with torch.no_grad(), autocast:
-                ref_logp, _ = sequence_logprobs(ref, prompts, completions, pad_id, args.temperature)  # (m, L)
+                ref_logp, _ = sequence_logprobs(ref, prompts, completions, pad_id, cfg.temperature)  # (m, L)
         old = torch.zeros_like(logp)  # (m, L): the sampler's log-probs, right-padded
         for k, e in enumerate(micro):
-            old[k, :len(e[2])] = torch.tensor(e[2], device=device)
+            old[k, :len(e.old_logprobs)] = torch.tensor(e.old_logprobs, device=device)
         adv = torch.zeros_like(logp)  # (m, L): each token's advantage (one per sample, or per token, choice 5)
         for k, e in enumerate(micro):
-            adv[k, :len(e[1])] = torch.as_tensor(e[3], device=device)
-        loss, st = grpo_loss(logp, old, adv, mask, args.epsilon, args.epsilon_high, args.beta, ref_logp, args.loss_type)
+            adv[k, :len(e.completion)] = torch.as_tensor(e.advantage, device=device)
+        loss, st = grpo_loss(logp, old, adv, mask, cfg.epsilon, cfg.epsilon_high, cfg.beta, ref_logp, cfg.loss_type)
         # this micro-batch's part of the mean
-        share = (mask.sum().item() if args.loss_type == "token" else len(micro)) / n
+        share = (mask.sum().item() if cfg.loss_type == "token" else len(micro)) / n
         (loss * share).backward()
         loss_sum += loss.item() * share
         clip_sum += st["clip_frac"] * share
@@ -247,28 +274,26 @@ def minibatch_loss(model, ref, part, n, args, pad_id):
     return loss_sum, clip_sum, kl_sum
 
 
-def policy_update(model, ref, opt, batch, args, world, pad_id):
-    """The PPO-clip update over one step's samples. batch: (prompt, completion, old log-probs, advantage
-    (a float, or a list of one per completion token), group) per sample of this process; ref: the
-    frozen reference model or None (beta = 0).
-    Returns (mean loss, stats, optimizer steps skipped as not finite)."""
+def policy_update(model, ref, opt, batch: list[Example], cfg: Config, world, pad_id):
+    """The PPO-clip update over one step's samples: this process's Examples; ref: the frozen reference
+    model or None (beta = 0). Returns (mean loss, stats, optimizer steps skipped as not finite)."""
     device = model.lm_head.weight.device
-    M = args.num_minibatches
+    M = cfg.num_minibatches
     losses, clip, kl, bad, t_opt = [], [], [], 0, 0.0
-    for _ in range(args.mu):
+    for _ in range(cfg.mu):
         for m in range(M):
-            part = [e for e in batch if e[4] % M == m]  # choice 1
+            part = [e for e in batch if e.group % M == m]  # choice 1
             # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over
             # processes
-            n_local = sum(len(e[1]) for e in part) if args.loss_type == "token" else len(part)
+            n_local = sum(len(e.completion) for e in part) if cfg.loss_type == "token" else len(part)
             n = sum_floats([n_local], world, device)[0]
             if n == 0:
                 continue  # nothing to learn from (RFT with no right sample)
-            loss_sum, clip_sum, kl_sum = minibatch_loss(model, ref, part, n, args, pad_id) if part else (0.0, 0.0, 0.0)
+            loss_sum, clip_sum, kl_sum = minibatch_loss(model, ref, part, n, cfg, pad_id) if part else (0.0, 0.0, 0.0)
             t = clock(device)
             sum_grads(model, world)
             loss_sum, clip_sum, kl_sum = sum_floats([loss_sum, clip_sum, kl_sum], world, device)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # the same verdict on every process
                 bad += 1
             else:

@@ -1,4 +1,4 @@
-"""ablate.py (and train.py --stage ablate): arms from one distilled start, flags passed through, results
+"""ablate.py: arms from one distilled start, flags passed through, results
 from their evals, resume, failures."""
 
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 
 import ablate
+import flags
 import train
 
 TINY = ["--budget", "30", "--distill-steps", "3", "--batch-size", "4", "--steps", "2", "--prompts-per-step", "2",
@@ -18,16 +19,9 @@ def lines(path):
 
 def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
     """No list of flags is kept by hand: a flag train.py gains reaches every arm's rl and eval commands as
-    written; the distillation gets the flags outside train.py's rl and optimization groups."""
-    real = train.parser
-
-    def with_a_new_flag(*a, **k):
-        ap = real(*a, **k)
-        rl = next(g for g in ap._action_groups if g.title == "rl")
-        rl.add_argument("--new-rl-flag", type=float, default=0.0)
-        return ap
-
-    monkeypatch.setattr(train, "parser", with_a_new_flag)
+    written; the distillation gets the flags outside flags.py's rl and optimization groups."""
+    table = {**flags.FLAGS, "rl": [*flags.FLAGS["rl"], ("--new-rl-flag", float, 0.0, "a flag added to the table")]}
+    monkeypatch.setattr(flags, "FLAGS", table)
     argv = ["--arms", "distill,grpo,realm", "--seeds", "2", "--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"]
     args, rest, rl = ablate.get_args(argv)
     assert rest == ["--new-rl-flag", "0.25", "--K", "2", "--lr", "1e-4"] and rl.new_rl_flag == 0.25 and rl.steps == 60
@@ -48,7 +42,7 @@ def test_a_new_rl_flag_reaches_every_arm_untouched(tmp_path, monkeypatch):
 
 def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     out = tmp_path / "ab"
-    train.main(["--stage", "ablate", "--arms", "distill,grpo", "--seeds", "1", "--eval-splits", "test,hard",
+    ablate.main(["--arms", "distill,grpo", "--seeds", "1", "--eval-splits", "test,hard",
                 "--out", str(out), *TINY])
     runs = lines(out / "runs.jsonl")
     assert [r["key"] for r in runs][0] == ["guided", 0]
@@ -76,7 +70,7 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
     # exact: ablate sums the same lr values read from the same file, in the same order
     assert (grpo_row["updates"], grpo_row["autonomous_updates"], grpo_row["autonomous_lr_sum"]) == (2, 2, sum(lrs))
     table = (out / "results.md").read_text()
-    assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python train.py --stage ablate" in table
+    assert "| grpo | GRPO without routes, answer reward | 1 |" in table and "python ablate.py --arms" in table
     acc = {(r["arm"], r["split"]): r["acc_autonomous_taught"] for r in results}  # the paired row: grpo minus its start
     assert "Each arm minus distill, test, paired by seed and problem" in table
     start = next(r for r in results if r["arm"] == "distill" and r["split"] == "test")  # does the start read routes
@@ -126,12 +120,6 @@ def test_ablate_bad_input_and_a_failing_run(tmp_path):
         "error: --show: is for train.py --stage eval (the ablation's evaluations score every problem)"
     assert fails("--out", str(tmp_path / "b"), "--resume") == \
         f"error: --resume: {tmp_path / 'b' / 'ablate.json'} not found"
-    (tmp_path / "old").mkdir()  # a folder of an earlier version: its starts have another domain and format
-    (tmp_path / "old" / "ablate.json").write_text(
-        json.dumps({"command": "python ablate.py --quick", "argv": ["--quick"]}))
-    assert fails("--out", str(tmp_path / "old"), "--resume") == \
-        f"error: --resume: {tmp_path / 'old' / 'ablate.json'} was made by an earlier version " \
-        "(before the route-only rule); start a new ablation"
     # a distillation that fails (a budget of 0 problems): its arms never start, the error names its log
     msg = fails("--arms", "grpo", "--seeds", "1", "--out", str(tmp_path / "c"), *TINY, "--budget", "0")
     assert msg.startswith("error: 1 run(s) failed and 1 did not start; first: ") and "no SFT example" in msg
@@ -144,7 +132,7 @@ def test_quick_evaluates_on_test_and_the_longest_runs_start_first(tmp_path, monk
     assert (args.seeds, args.arms, args.splits, args.reused) == (1, list(ablate.QUICK_ARMS), ["test"], {})
     assert ablate.get_args([])[0].splits == ["test"]
     assert ablate.get_args(["--quick", "--eval-splits", "dev"])[0].splits == ["dev"]
-    assert args.distill_steps == ablate.get_args([])[0].distill_steps == train.STAGE_DEFAULTS["distill"]["steps"]
+    assert args.distill_steps == ablate.get_args([])[0].distill_steps == flags.STAGE_DEFAULTS["distill"]["steps"]
     assert (rl.steps, ablate.get_args([])[2].steps,
             ablate.get_args(["--quick", "--steps", "9"])[2].steps) == (ablate.QUICK_RL_STEPS, 60, 9)
     assert ablate.get_args([])[0].arms == list(ablate.DEFAULT_ARMS) and ablate.get_args([])[0].seeds == 5
@@ -163,7 +151,7 @@ def test_quick_reuses_the_default_start_only_when_it_is_the_same_distillation(tm
 
     def made_by(*argv):
         import torch
-        saved = vars(train.get_args(["--stage", "distill", *argv]))
+        saved = vars(flags.parse(["--stage", "distill", *argv]))
         torch.save({"stage": "distill", "args": saved}, start / "trainer_state.pt")
         return ablate.get_args(["--quick"])
 
@@ -189,7 +177,7 @@ def test_runs_start_seed_by_seed_and_realm_measures_its_links(tmp_path):
     assert ablate.handover(rl) == 15
     assert realm_rl[-6:] == ["--eval-every", "5", "--eval-n", "1000", "--eval-splits", "test"]
     assert "--eval-every" not in grpo_rl and grpo_rl[grpo_rl.index("--eval-n") + 1] == "0"
-    got = train.get_args(realm_rl[2:])  # the command as train.py reads it: the arm's flags win
+    got = flags.parse(realm_rl[2:])  # the command as train.py reads it: the arm's flags win
     assert (got.eval_every, got.eval_n, got.eval_splits, got.steps) == (5, 1000, "test", 30)
 
 

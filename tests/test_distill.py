@@ -7,10 +7,13 @@ import torch
 
 import distill
 import domain as D
+import evaluate
+import flags
 import grpo
 import model as M
 import mrpv
 import train
+from tokenizer import load_tokenizer
 
 
 def test_sft_targets_cover_the_response_only():
@@ -50,28 +53,13 @@ def test_changing_the_prompt_changes_no_loss_term():
 def test_route_bank_round_trips_through_jsonl(tmp_path):
     problems, banks = distill.embedded_set("train", 30, R=3)
     assert all(sum(r.correct for r in b) == 3 and sum(not r.correct for r in b) == 3 for b in banks)
+    assert all(len({r.text for r in b if r.correct}) == 1 for b in banks)  # the positives are copies (choice 1)
     D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)],
                  tmp_path / "bank.jsonl")
     back = D.load_jsonl(tmp_path / "bank.jsonl")
     assert [b.routes for b in back] == banks and [b.answer for b in back] == [p.answer for p in problems]
     unguided = distill.embedded_set("train", 30, R=3, guided=False)[1]
     assert distill.teacher_accuracy(banks) == 1.0 and distill.teacher_accuracy(unguided) < 0.5
-
-
-def test_diverse_right_routes_differ_and_stay_right():
-    import re
-    problems, banks = distill.embedded_set("train", 100, R=3, diverse=True)
-    rights = [[r for r in b if r.correct] for b in banks]
-    assert all(len(r) == 3 and all(D.check(mrpv.parse(x.text).answer, p.answer) for x in r)
-               for p, r in zip(problems, rights))
-    # most problems hold two or more distinct right routes
-    assert sum(len({x.text for x in r}) > 1 for r in rights) > 50
-    for r in rights:
-        for line in "\n".join(x.text for x in r).split("\n"):
-            if m := re.search(r"(\d+) \+ (\d+) = (\d+)", line):
-                assert int(m[1]) + int(m[2]) == int(m[3])
-    # default: copies
-    assert all(len({x.text for x in b if x.correct}) == 1 for b in distill.embedded_set("train", 30, R=3)[1])
 
 
 def test_micro_batches_sort_and_respect_the_token_budget():
@@ -139,25 +127,13 @@ def test_sft_examples_mix_both_formats():
     assert len(ex) == 200 and 60 < len(route_prompts) < 140
     assert all(tok.decode(r).split("\n")[-1].startswith("Route ") and tok.decode(p).startswith("Route 1 :")
                for p, r in route_prompts)  # the default layout: routes, then the question; own steps, then verdicts
-    vs = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0), layout=mrpv.Layout("verify-solve"))
+    vs = distill.sft_examples(problems, banks, tok, 0.5, 3, 0.5, random.Random(0), order="verify-solve")
     assert all(tok.decode(r).startswith("Route 1 : ") for p, r in vs if "Route 1 :" in tok.decode(p))
 
-    ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), eaai_prompts=True)
-    counts = {tok.decode(p).count("Route ") for p, _ in ex}
-    assert counts == {1, 2, 3}  # 1..K routes, as EAAI shows them
+    ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0))
     shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
-    assert any(t.count("Answer :") < t.count("Route ") for t in shown)  # some routes shown in part
-    assert all(r.count("Route ") == t.count("Route ") for t, r in zip(shown, said))  # a verdict per shown route
-    cut_sound = sum(r.count("sound") for r in said)
-
-    sv = mrpv.Layout(route_answers=False)
-    ex = distill.sft_examples(problems, banks, tok, 1.0, 3, 0.5, random.Random(0), True, sv, keep_error=True)
-    shown, said = [tok.decode(p) for p, _ in ex], [tok.decode(r) for _, r in ex]
-    assert all("Answer :" not in t for t in shown)  # routes without their answer lines
-    assert all(mrpv.parse(r).layout.startswith("S")
-               and mrpv.parse(r).layout.endswith("AV" + "V" * (t.count("Route ") - 1))
-               for t, r in zip(shown, said))  # own steps and answer, then a verdict per route
-    assert sum(r.count("sound") for r in said) < cut_sound  # cut wrong routes stay wrong with keep_error
+    assert all(t.count("Answer :") == 3 and t.count("Route ") == 3 for t in shown)  # K whole routes
+    assert all(re.fullmatch("S+AVVV", mrpv.parse(r).layout) for r in said)  # own steps and answer, then 3 verdicts
 
 
 TINY = ["--steps", "40", "--batch-size", "8", "--budget", "100", "--eval-n", "21", "--max-new-tokens", "40",
@@ -177,7 +153,7 @@ def test_distill_runs_learns_and_writes_the_contract_layout(tmp_path, capsys):
     evals = [r for r in rows if "split" in r]
     assert [(r["step"], r["split"]) for r in evals] == [(20, "dev"), (40, "dev")]  # test: the eval stage
     assert all(0 <= r["acc_autonomous"] <= 1 and 0 <= r["acc_with_routes"] <= 1 for r in evals)
-    m, tok = M.load_model(out, "cpu"), M.load_tokenizer(out)
+    m, tok = M.load_model(out, "cpu"), load_tokenizer(out)
     assert m.config.vocab_size == tok.vocab_size and m.config.eos_token_id == tok.eos_ids[0]
     assert tok.encode("Stock : A = 3") == D.tokenizer().encode("Stock : A = 3") and tok.eos_ids == D.tokenizer().eos_ids
     # the route bank: the 100 taught problems SFT used, and 100 route-only for RL
@@ -295,18 +271,18 @@ def test_evaluate_scores_answers_and_verdicts_of_hand_written_completions(monkey
     shown routes given the right verdict. Here the 'model' calls every route sound and answers right
     with routes, garbage alone."""
     problems, banks = distill.embedded_set("dev", 6, R=3)
-    args = train.get_args(["--stage", "eval", "--init", "x"])
+    args = flags.parse(["--stage", "eval", "--init", "x"])
 
-    def completions(model, tok, ps, routes, max_new_tokens, layout):
+    def completions(model, tok, ps, routes, max_new_tokens):
         if not any(routes):
             return ["sell A 2 : garbage"] * len(ps)
         return ["".join(f"Route {k} : sound\n" for k in range(1, len(r) + 1)) + f"x\nAnswer : {p.answer}"
                 for p, r in zip(ps, routes)]
 
-    monkeypatch.setattr(train, "completions", completions)
+    monkeypatch.setattr(evaluate, "completions", completions)
     alone = lambda model, tok, ps, n: [(p, D.teacher_route(p).text) for p in ps] + [(p, "garbage") for p in ps]
-    monkeypatch.setattr(train, "prior_samples", alone)  # each route-only problem: its right route, and garbage
-    acc = train.evaluate(None, None, problems, banks, args)
+    monkeypatch.setattr(evaluate, "prior_samples", alone)  # each route-only problem: its right route, and garbage
+    acc = evaluate.evaluate(None, None, problems, banks, args)
     deliveries = sum(len(D.delivery_counts(D.teacher_route(p).text, p.ledger)) for p in problems if D.route_only(p))
     assert (acc["rule_prior"], acc["rule_prior_lines"]) == (1.0, deliveries)
     shown = [mrpv.select_routes(b, args.K, args.neg_share, random.Random(f"eval-{i}")) for i, b in enumerate(banks)]

@@ -7,6 +7,7 @@ import torch
 import model as M
 from grpo import component_advantages, group_advantages, grpo_loss, sequence_logprobs, token_advantages
 from rollout import generate
+from tokenizer import build_tokenizer, load_tokenizer
 
 
 def test_group_advantages():
@@ -25,8 +26,8 @@ def test_component_advantages_keep_verdict_luck_off_the_chain():
     chain's tokens by verdict luck; per component, the chain's tokens get 0 and the verdict lines all of it."""
     nan = float("nan")
     parts = {"answer": torch.zeros(4), "verdict": torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]), "step": torch.full((4,), nan),
-             "format": torch.ones(4), "chain": torch.full((4,), nan)}
-    w = {"answer": 1.0, "verdict": 0.5, "step": 0.5, "format": 0.1, "chain": 0.0}
+             "format": torch.ones(4)}
+    w = {"answer": 1.0, "verdict": 0.5, "step": 0.5, "format": 0.1}
     adv = component_advantages(parts, w, n=4)
     assert set(adv) == {"answer", "verdict", "format"} and torch.equal(adv["answer"], torch.zeros(4))
     on_verdict = [False, False, True, True]
@@ -148,8 +149,7 @@ def test_rl_steps_run_and_log_every_contract_key(tmp_path):
     train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl"), "--steps", "3",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "21", "--max-new-tokens", "12"])
     train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl2"), "--steps", "2",
-                "--order", "solve-verify", "--no-route-answers", "--advantages", "component", "--consistent",
-                "--eaai-fade", "sequential", "--keep-errors",
+                "--order", "verify-solve", "--advantages", "sample", "--no-consistent", "--eaai-shape", "linear",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "0", "--max-new-tokens", "12"])
     assert [json.loads(x)["step"] for x in (tmp_path / "rl2" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -168,7 +168,7 @@ def test_rl_steps_run_and_log_every_contract_key(tmp_path):
 def test_rl_without_a_route_bank_says_which_command_makes_one(tmp_path):
     import train
 
-    tok = M.build_tokenizer(["A"])
+    tok = build_tokenizer(["A"])
     M.save_model(M.Transformer(M.tiny_config(tok.vocab_size, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=1)),
                  tmp_path / "ckpt", tok)
@@ -186,7 +186,7 @@ RL_FLAGS = ["--steps", "4", "--prompts-per-step", "2", "--num-generations", "3",
             "--max-new-tokens", "10", "--save-every", "2"]
 
 
-def varied_reward(completion, problem, routes, w=None, reference=None, free_form=False, layout=None):
+def varied_reward(completion, problem, routes, w=None, free_form=False, order=None):
     """A reward that varies with the completion whatever the model's skill, so every group carries signal."""
     import mrpv
 
@@ -247,21 +247,6 @@ def test_eval_show_prints_prompts_responses_and_what_is_right(distilled, capsys)
             and out.count("=== what is right") == 2)
     assert "How many" in out and out.count("\nroute 1: ") == 2 and "(verdict " in out
     assert (log.read_text() if log.exists() else None) == before  # showing is not scoring: nothing appended
-
-
-def test_resume_refuses_the_optimizer_of_another_model_layout(distilled, tmp_path):
-    import torch
-    import train
-
-    out = tmp_path / "rl"
-    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(out)] + RL_FLAGS[:1] + ["2"] + RL_FLAGS[2:])
-    state = torch.load(out / "trainer_state.pt", weights_only=False)
-    state["optimizer"]["param_groups"][0]["params"].append(99)  # one matrix more: separate q, k, v as before
-    torch.save(state, out / "trainer_state.pt")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "rl", "--out", str(out), "--resume"])
-    assert str(e.value.code).startswith(
-        f"error: --resume: {out / 'trainer_state.pt'} holds the optimizer of an earlier version")
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(distilled, tmp_path, monkeypatch):
@@ -399,7 +384,7 @@ def test_rl_on_a_qwen_layout_checkpoint_with_gsm8k_jsonl_and_the_chat_format(tmp
     from conftest import write_checkpoint
 
     words = [str(i) for i in range(30)] + "Tom has apples . He buys more How many ? Answer : #### so".split()
-    tok = M.build_tokenizer(words)
+    tok = build_tokenizer(words)
     tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     folder = write_checkpoint(tmp_path / "qwen", "qwen2", vocab_size=tok.vocab_size, max_position_embeddings=512)
     tok.save(folder)
@@ -425,46 +410,40 @@ def test_rl_on_a_qwen_layout_checkpoint_with_gsm8k_jsonl_and_the_chat_format(tmp
     assert M.load_model(tmp_path / "rl").config.qkv_bias
 
 
-def test_fresh_problems_constant_lr_and_autonomous_steps(distilled, tmp_path, monkeypatch):
-    """--fresh-problems: RL prompts come from problems the distillation never saw; --lr-schedule constant:
-    the peak after the warm-up; each step says whether it showed any route."""
+def test_route_bank_problems_constant_lr_and_autonomous_steps(distilled, tmp_path, monkeypatch):
+    """RL prompts come from the start's route bank (routes.jsonl); --lr-schedule constant: the peak after the
+    warm-up; each step says whether it showed any route."""
     import domain as D
     import train
 
     seen = []
     real = train.generate
     monkeypatch.setattr(train, "generate", lambda m, prompts, **k: seen.extend(prompts) or real(m, prompts, **k))
-    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "rl"), "--fresh-problems",
-                "--budget", "30", "--lr-schedule", "constant", "--warmup", "1", "--lr", "1e-4",
-                "--eaai-decay", "0.5"] + RL_FLAGS)
+    train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / "rl"), "--lr-schedule", "constant",
+                "--warmup", "1", "--lr", "1e-4", "--eaai-decay", "0.5"] + RL_FLAGS)
     rows = [r for r in rl_rows(tmp_path / "rl") if r.get("stage") == "rl"]
     assert [r["lr"] for r in rows] == [1e-4] * 4  # exact: lr * 1.0 in Python floats
     assert all(r["autonomous"] for r in rows if r["hint"] == 0)
     assert not any(r["autonomous"] for r in rows if r["hint"] == 1)
     # (in between, a step is autonomous when no prompt drew routes)
     assert rows[0]["hint"] == 1 and rows[-1]["hint"] == 0
-    tok = M.load_tokenizer(distilled)
-    distilled_on = {p.question for p in D.load_jsonl(distilled / "routes.jsonl")}
+    tok = load_tokenizer(distilled)
+    bank = {p.question for p in D.load_jsonl(distilled / "routes.jsonl")}
     # the question, wherever it is
     asked = {next(x for x in tok.decode(p).split("\n") if x.startswith("Stock")) for p in seen}
-    assert asked and not asked & distilled_on and asked <= {p.question for p in D.split("fresh", 30)}
+    assert asked and asked <= bank
 
 
-def test_a_run_saved_before_the_layout_flags_resumes_as_it_ran(tmp_path):
-    """--resume of a run whose saved flags predate --order, --question-last, --advantages and --consistent:
-    it goes on as it ran (verdicts first, the question first, one advantage per sample), not with today's defaults."""
+def test_resume_takes_the_saved_flags_and_drops_later_metrics(tmp_path):
+    """--resume goes on with the flags the run was saved with, not the command line's, and drops the metrics
+    lines logged after its checkpoint."""
+    import flags
     import train
 
-    args = vars(train.get_args(["--stage", "rl"]))
-    for k in ("order", "question_last", "advantages", "consistent"):
-        args.pop(k)
-    torch.save({"stage": "rl", "step": 2, "args": args}, tmp_path / "trainer_state.pt")
+    saved = vars(flags.parse(["--stage", "rl", "--order", "verify-solve", "--advantages", "sample"]))
+    torch.save({"stage": "rl", "step": 2, "args": saved}, tmp_path / "trainer_state.pt")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
-    _, resumed = train.rl_resume(train.get_args(["--stage", "rl"]), tmp_path, 0)
-    assert (resumed.order, resumed.question_last, resumed.advantages, resumed.consistent) == (
-        "verify-solve", False, "sample", False)
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # lines after the checkpoint dropped
-    now = vars(train.get_args(["--stage", "rl"]))
-    torch.save({"stage": "rl", "step": 2, "args": now}, tmp_path / "trainer_state.pt")
-    _, resumed = train.rl_resume(train.get_args(["--stage", "rl"]), tmp_path, 0)
-    assert (resumed.order, resumed.advantages) == ("solve-verify", "component")  # saved flags win
+    _, resumed = train.rl_resume(flags.parse(["--stage", "rl", "--device", "cpu"]), tmp_path, 0)
+    got = (resumed.order, resumed.advantages, resumed.resume, resumed.device)
+    assert got == ("verify-solve", "sample", True, "cpu")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
