@@ -13,9 +13,8 @@ parser and passed unchanged to every arm's rl and eval commands (the arm's own f
 them, win), and to the distillation too unless it belongs to train.py's rl or optimization group.
 
 Choices that are ours:
-1. Every arm gets 60 RL steps (half the rl default), to keep the table within hours on 2 CPU cores (a
-   seed of the seven arms: 48 to 63 one-thread minutes by CPU, so five seeds 2 to 2.6 hours); `--steps`
-   changes it. The default arms are the paper's comparisons (DEFAULT_ARMS); unguided-realm and zero are
+1. Every arm gets 60 RL steps (half the rl default), to keep the table within hours on 2 CPU cores (the
+   tables' times are in RESULTS.md); `--steps` changes it. The default arms are the paper's comparisons (DEFAULT_ARMS); unguided-realm and zero are
    there for --arms.
 2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
    run on the tiny model); a command that starts alone gets every core.
