@@ -14,8 +14,8 @@ them, win), and to the distillation too unless it belongs to train.py's rl or op
 
 Choices that are ours:
 1. Every arm gets 60 RL steps (half the rl default), to keep the table within hours on 2 CPU cores (the
-   tables' times are in RESULTS.md); `--steps` changes it. The default arms are the paper's comparisons (DEFAULT_ARMS); unguided-realm and zero are
-   there for --arms.
+   tables' times are in RESULTS.md); `--steps` changes it. The default arms are the paper's comparisons
+   (DEFAULT_ARMS); unguided-realm and zero are there for --arms.
 2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
    run on the tiny model); a command that starts alone gets every core.
 3. RFT and GRPO use the answer reward without routes (the paper's baselines).
@@ -379,7 +379,7 @@ def cpu_name():
 
 KINDS = {"alone": "autonomous", "with routes": "with_routes"}
 PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all
-COMPARISONS = (("realm", "cot-synth", "with routes", "+4.2"), ("realm", "grpo", "alone", "+2.6"))  # the paper's two
+COMPARISONS = (("realm", "cot-synth", "with routes"), ("realm", "grpo", "alone"))  # the paper's two (its abstract)
 
 
 def part_bits(row, kind, part):
@@ -396,6 +396,26 @@ def parts_of(rows):
     return [p for p in ("_taught", "_route_only") if any(r.get(f"n{p}") for r in rows)] or [""]
 
 
+def header(args, rl, command, runs, seeds):
+    """results.md's title, command and what every table below shares: the start, the budget, the machine."""
+    minutes = [r["minutes"] for r in runs if r["key"][0] == "guided"]
+    took = f"{mean_or_dash(minutes)} min a seed" if minutes else ""  # none where every start was reused
+    start = [f"{args.distill_steps} steps", took, reused_text(args).removeprefix("; ")]
+    machine = torch.cuda.get_device_name() if F.pick_device(rl.device).type == "cuda" else cpu_name()
+    return ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
+            f"- Every arm starts from the same seed's guided distillation ({'; '.join(filter(None, start))}) "
+            "except where its row says otherwise, and gets the same "
+            f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
+            f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
+            f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
+            f"problems (what the distillation teaches) and route-only ones (a rule only the teacher's routes "
+            f"carry); 'alone': no routes in the prompt; 'with routes': {rl.K} teacher routes, right and wrong. "
+            f"'Verdicts': the share of shown routes judged right (chance 50 %). 'Autonomous': RL updates with no "
+            f"route in any prompt, and their summed learning rate.",
+            f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
+            f"{sum(r['minutes'] for r in runs):.0f} min."]
+
+
 def write_table(out: Path, args, rl, command):
     """results.md: per split, each arm's accuracy alone and with routes and its verdicts, by part (taught,
     route-only), mean ± std over the seeds done, with its autonomous updates; each arm against the distilled
@@ -410,22 +430,7 @@ def write_table(out: Path, args, rl, command):
     seeds, splits = range(args.seed, args.seed + args.seeds), args.splits
     done = lambda a: [s for s in seeds if (a, s, splits[0]) in res]
     bits = lambda a, sp, k, part: {s: part_bits(res[a, s, sp], k, part) for s in done(a)}
-    took = f"{mean_or_dash(minutes('guided'))} min a seed" if minutes("guided") else ""  # none where all reused
-    start = [f"{args.distill_steps} steps", took, reused_text(args).removeprefix("; ")]
-    machine = torch.cuda.get_device_name() if F.pick_device(rl.device).type == "cuda" else cpu_name()
-    lines = ["# ReaLM ablation on the embedded domain", "", f"`{command}`", "",
-             f"- Every arm starts from the same seed's guided distillation ({'; '.join(filter(None, start))}) "
-             "except where its row says otherwise, and gets the same "
-             f"budget: {rl.steps} RL steps of {rl.prompts_per_step} prompts x {rl.num_generations} samples "
-             f"(learning rate {rl.lr:g}: {rl.lr_schedule} after {rl.warmup} warm-up steps).",
-             f"- Greedy accuracy (%), mean ± std over the seeds done (of {', '.join(map(str, seeds))}), on taught "
-             f"problems (what the distillation teaches) and route-only ones (a rule only the teacher's routes carry); "
-             f"'alone': no routes in the prompt; 'with routes': {rl.K} teacher routes, right and wrong. 'Verdicts': "
-             f"the share of shown routes judged right (chance 50 %). 'Autonomous': RL updates with no route in any "
-             f"prompt, and their summed learning rate.",
-             f"- Machine: {machine}; torch {torch.__version__}; the runs' times add up to "
-             f"{sum(r['minutes'] for r in runs):.0f} min."]
-    lines += start_lines(res, args, splits[0])
+    lines = header(args, rl, command, runs, seeds) + start_lines(res, args, splits[0])
     for sp in splits:
         here = [r for r in rows if r["split"] == sp]
         parts, n = parts_of(here), "/".join(map(str, sorted({r["n"] for r in here})))
@@ -465,13 +470,12 @@ def write_table(out: Path, args, rl, command):
     sp = splits[0]
     part = "_route_only" if "_route_only" in parts_of([r for r in rows if r["split"] == sp]) else ""
     paper = []
-    for a, b, mode, figure in COMPARISONS:
+    for a, b, mode in COMPARISONS:
         both = a in args.arms and b in args.arms
         c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if both else None
         if c:
             paper.append(f"{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points (paired over "
-                         f"{c[3]} "
-                         f"seed(s); the paper: {figure})")
+                         f"{c[3]} seed(s))")
     lines += [x for p in paper for x in ("", f"**{p}**.")]
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")

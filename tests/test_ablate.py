@@ -213,7 +213,7 @@ def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path)
     assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
     # '11' against '00'
     assert ("**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points "
-            "(paired over 2 seed(s); the paper: +2.6)**." in table)
+            "(paired over 2 seed(s))**." in table)
     # minus distill, taught: '01', '00' against '11', '11'
     assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table
     assert "EAAI's signal reaches 0 at step 36" in table
