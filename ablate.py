@@ -19,10 +19,12 @@ Choices that are ours:
 2. On a CPU two commands run at a time, one thread each (more steps per second than one two-thread
    run on the tiny model); a command that starts alone gets every core.
 3. RFT and GRPO use the answer reward without routes (the paper's baselines).
-4. Differences between arms are paired: the same seed's start, the same evaluation problems. Their 95 %
-   intervals come from a two-stage bootstrap (seeds, then problems within a seed; 1,000 draws,
-   percentile interval), which counts both the spread of the distilled starts and the sampling of the
-   problems; with one seed it is the problems' sampling alone.
+4. Differences between arms are paired: the same seed's start, the same evaluation problems. With
+   several seeds the seeds are the unit: a 95 % t interval over the per-seed mean differences (Student's
+   t with seeds - 1 degrees of freedom). Beside it, a paired two-stage bootstrap (seeds, then problems
+   within a seed; 1,000 draws, percentile interval), which treats five seeds as if they were many and is
+   narrower than it should be; with one seed it is the problems' sampling alone, and says nothing of the
+   spread of the starts, so one seed cannot decide a comparison.
 5. Evaluation on test alone (--eval-splits adds hard; dev is for choosing settings). `--quick` gives every
    arm QUICK_RL_STEPS RL steps, from the default start: out/distill where it holds the distillation the
    ablation would run (the same seed and flags; `python train.py --stage rl` makes it), else the default
@@ -34,7 +36,9 @@ Choices that are ours:
    the start through the phase with routes, at the hand-over and at the end; results.md tabulates them.
 """
 
+import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -340,12 +344,32 @@ def mean_std(xs, sign=""):
     return f"{100 * m:{sign}.1f} ± {100 * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5:.1f}"
 
 
+class Diff(NamedTuple):
+    """Arm a minus arm b, in points (choice 4)."""
+    mean: float  # over the seeds both have and their problems
+    low: float  # the paired two-stage bootstrap's 95 % interval
+    high: float
+    seeds: int
+    t_low: float | None  # the t interval over the per-seed differences (None with one seed)
+    t_high: float | None
+
+
+@functools.lru_cache
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 0.5) by integrating its density from 0 on a fine grid (numpy, no scipy)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    x = np.linspace(0.0, 200.0, 2_000_001)
+    pdf = c * (1 + x * x / df) ** (-(df + 1) / 2)
+    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * (x[1] - x[0]))])  # trapezoid rule
+    return float(np.interp(p, cdf, x))
+
+
 def paired_ci(a: dict, b: dict, draws=1000):
     """Arm a minus arm b in points, from each problem's 0 / 1 of both ({seed: '0110...'}, the same problems):
-    the mean over the seeds both have and their problems, and its 95 % interval from a paired two-stage
-    bootstrap (choice 4): draw the seeds with replacement, then the problems within each drawn seed, the
-    same draws for both arms, so the start's spread and the problems' sampling are both in the interval.
-    Returns (mean, low, high, seeds) or None when no seed has both."""
+    the mean over the seeds both have and their problems, with two 95 % intervals (choice 4): a t interval
+    over the per-seed mean differences (the seeds are the unit), and a paired two-stage bootstrap: draw the
+    seeds with replacement, then the problems within each drawn seed, the same draws for both arms.
+    Returns a Diff, or None when no seed has both."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
@@ -357,11 +381,22 @@ def paired_ci(a: dict, b: dict, draws=1000):
     cols = rng.integers(0, n, (draws, S, n), dtype=np.int32)
     means = d[rows, cols].mean(axis=(1, 2))  # (draws,)
     low, high = np.percentile(means, [2.5, 97.5])
-    return 100 * d.mean(), 100 * low, 100 * high, S
+    t_low = t_high = None
+    if S > 1:
+        per_seed = d.mean(axis=1)  # (S,)
+        half = t_quantile(0.975, S - 1) * per_seed.std(ddof=1) / math.sqrt(S)
+        t_low, t_high = 100 * (per_seed.mean() - half), 100 * (per_seed.mean() + half)
+    return Diff(100 * d.mean(), 100 * low, 100 * high, S, t_low, t_high)
 
 
-def ci_text(c):
-    return "" if c is None else f"{c[0]:+.1f} [{c[1]:+.1f}, {c[2]:+.1f}]"
+def ci_text(c: Diff | None):
+    """'+2.0 [-1.0, +5.0] (bootstrap [+0.5, +3.5])' over seeds; '+2.0 [+0.5, +3.5]' (the bootstrap) with one."""
+    if c is None:
+        return ""
+    boot = f"[{c.low:+.1f}, {c.high:+.1f}]"
+    if c.seeds == 1:
+        return f"{c.mean:+.1f} {boot}"
+    return f"{c.mean:+.1f} [{c.t_low:+.1f}, {c.t_high:+.1f}] (bootstrap {boot})"
 
 
 def mean_or_dash(xs):
@@ -454,19 +489,20 @@ def write_table(out: Path, args, rl, command):
         for ref in ("distill", "grpo", "cot-synth"):
             if ref not in args.arms or not done(ref):
                 continue
-            lines += ["", f"Each arm minus {ref}, {sp}, paired by seed and problem: mean difference in points "
-                          "[95 % interval]:",
+            lines += ["", f"Each arm minus {ref}, {sp}, paired by seed and problem: mean difference in points, "
+                          "[95 % t interval over the seeds] and (the paired bootstrap's); with one seed, the "
+                          "bootstrap over its problems alone:",
                       "", f"| arm | seeds | {head} |", "|---|---|" + "---|" * len(parts) * 2]
             for a in args.arms:
                 cis = [paired_ci(bits(a, sp, k, p), bits(ref, sp, k, p)) for p in parts for k in KINDS.values()]
                 if a != ref and cis[0]:
-                    lines.append(f"| {a} | {cis[0][3]} | " + " | ".join(ci_text(c) for c in cis) + " |")
+                    lines.append(f"| {a} | {cis[0].seeds} | " + " | ".join(ci_text(c) for c in cis) + " |")
         if "distill" in args.arms and done("distill"):  # does the start read routes? (routes help)
             gains = [(p, paired_ci(bits("distill", sp, "with_routes", p), bits("distill", sp, "autonomous", p)))
                      for p in parts]
             lines += ["", f"The start, {sp}: with routes minus alone "
                       + "; ".join(f"{PARTS_SHOWN[p]} {ci_text(c)}" for p, c in gains)
-                      + f" points (paired over {gains[0][1][3]} seed(s))."]
+                      + f" points (paired over {gains[0][1].seeds} seed(s))."]
     sp = splits[0]
     part = "_route_only" if "_route_only" in parts_of([r for r in rows if r["split"] == sp]) else ""
     paper = []
@@ -474,8 +510,10 @@ def write_table(out: Path, args, rl, command):
         both = a in args.arms and b in args.arms
         c = paired_ci(bits(a, sp, KINDS[mode], part), bits(b, sp, KINDS[mode], part)) if both else None
         if c:
+            alone = ("; one seed: the interval is over its problems alone and cannot decide between the methods "
+                     "(--seeds 5)") if c.seeds == 1 else ""
             paper.append(f"{a} minus {b}, {sp} {PARTS_SHOWN[part]} problems {mode}: {ci_text(c)} points (paired over "
-                         f"{c[3]} seed(s))")
+                         f"{c.seeds} seed(s){alone})")
     lines += [x for p in paper for x in ("", f"**{p}**.")]
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -96,11 +96,27 @@ def test_ablate_runs_each_arm_from_the_same_start_and_resumes(tmp_path):
 def test_paired_ci():
     # exact: means of 0 / 1 differences are sums of integers (exact in float64) over counts: 0, 1, 750 / 3000
     same = {0: "0110", 1: "1001"}
-    assert ablate.paired_ci(same, same) == (0.0, 0.0, 0.0, 2)
-    assert ablate.paired_ci({0: "1111", 1: "1111"}, {0: "0000", 2: "0000"}) == (100.0, 100.0, 100.0, 1)  # seed 0 only
+    assert ablate.paired_ci(same, same) == (0.0, 0.0, 0.0, 2, 0.0, 0.0)
+    one = ablate.paired_ci({0: "1111", 1: "1111"}, {0: "0000", 2: "0000"})  # seed 0 only: no t interval
+    assert one == (100.0, 100.0, 100.0, 1, None, None) and ablate.ci_text(one) == "+100.0 [+100.0, +100.0]"
     assert ablate.paired_ci({0: "11"}, {1: "00"}) is None
-    mean, low, high, seeds = ablate.paired_ci({s: "1100" * 250 for s in range(3)}, {s: "1000" * 250 for s in range(3)})
+    mean, low, high, seeds, *_ = ablate.paired_ci({s: "1100" * 250 for s in range(3)},
+                                                  {s: "1000" * 250 for s in range(3)})
     assert (mean, seeds) == (25.0, 3) and 20 < low < 25 < high < 30  # problems' sampling: one std error ~1.4 points
+
+
+def test_t_interval_over_seeds():
+    """Per-seed differences +50, +25, 0 points: mean 25, sample std 25, t(0.975, 2) = 4.3027 (a table's value),
+    so 25 -/+ 4.3027 * 25 / sqrt(3) = [-37.1, +87.1]; the bootstrap, treating three seeds as many, is narrower."""
+    a = {0: "1100", 1: "1000", 2: "0000"}
+    b = {0: "0000", 1: "0000", 2: "0000"}
+    d = ablate.paired_ci(a, b)
+    assert d.mean == 25.0 and d.seeds == 3
+    assert d.t_low == pytest.approx(-37.105, abs=0.01) and d.t_high == pytest.approx(87.105, abs=0.01)
+    assert d.t_low < d.low and d.high < d.t_high
+    assert ablate.ci_text(d) == f"+25.0 [-37.1, +87.1] (bootstrap [{d.low:+.1f}, {d.high:+.1f}])"
+    for df, table in ((1, 12.706), (4, 2.776), (9, 2.262), (30, 2.042)):  # Student's t, 97.5 %
+        assert ablate.t_quantile(0.975, df) == pytest.approx(table, abs=1e-3)
 
 
 def test_ablate_bad_input_and_a_failing_run(tmp_path):
@@ -212,10 +228,10 @@ def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path)
     # against 3/4 + 3/4)
     assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
     # '11' against '00'
-    assert ("**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] points "
-            "(paired over 2 seed(s))**." in table)
+    assert ("**realm minus grpo, test route-only problems alone: +100.0 [+100.0, +100.0] (bootstrap [+100.0, "
+            "+100.0]) points (paired over 2 seed(s))**." in table)
     # minus distill, taught: '01', '00' against '11', '11'
-    assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] |" in table
+    assert "| realm | 2 | -50.0 [" in table and "| -100.0 [-100.0, -100.0] (bootstrap [-100.0, -100.0]) |" in table
     assert "EAAI's signal reaches 0 at step 36" in table
     # (0.36, 0.46): std 0.0707
     assert "| 36 | hand-over | 2 | 41.0 ± 7.1 | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 |" in table
