@@ -320,8 +320,8 @@ def record(out: Path, r: Run, seconds, threads):
         auto = [x["lr"] for x in steps if x["autonomous"] and not x["skipped_updates"]]
         for split, row in last_eval(r.folder).items():
             train.log(out / "results.jsonl", arm=r.key[0], seed=r.key[1], split=split, n=row["n"],
-                      **{k: row[k] for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous",
-                                             "right_with_routes")},
+                      **{k: row.get(k) for k in ("acc_autonomous", "acc_with_routes", "verdict_acc", "right_autonomous",
+                                                 "right_with_routes", *VERDICTS)},
                       **{k: v for k, v in row.items()
                          if k.endswith(PARTS) or k.startswith(("n_", "rule_prior")) or k == "route_only"},
                       updates=len(steps), autonomous_updates=len(auto), autonomous_lr_sum=sum(auto))
@@ -413,6 +413,8 @@ def cpu_name():
 
 
 KINDS = {"alone": "autonomous", "with routes": "with_routes"}
+VERDICTS = {"verdict_acc_own_right": "verdicts, own answer right", "verdict_acc_own_wrong": "verdicts, own answer wrong",
+            "step_acc": "first wrong step named"}  # with routes, over every shown route (evaluate.evaluate)
 PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all
 COMPARISONS = (("realm", "cot-synth", "with routes"), ("realm", "grpo", "alone"))  # the paper's two (its abstract)
 
@@ -486,6 +488,7 @@ def write_table(out: Path, args, rl, command):
             verdicts = " | ".join(cell(f"verdict_acc{p}") for p in parts)
             took = mean_or_dash(minutes(a))
             lines.append(f"| {a} | {ARMS[a][0]} | {len(ds)} | {accs} | {verdicts} | {auto} | {took} |")
+        lines += verdict_lines(args, res, sp, done)
         for ref in ("distill", "grpo", "cot-synth"):
             if ref not in args.arms or not done(ref):
                 continue
@@ -518,6 +521,16 @@ def write_table(out: Path, args, rl, command):
     lines += links(out, args, rl, done(LINKS_ARM) if LINKS_ARM in args.arms else [])
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return paper
+
+
+def verdict_lines(args, res, sp, done):
+    """Each arm's verdicts with routes, split by whether its own answer is right, and its step_acc (mean ± std)."""
+    values = lambda a, k: [x for s in done(a) if (x := res[a, s, sp].get(k)) is not None]
+    cell = lambda a, k: mean_std(values(a, k)) if values(a, k) else "-"
+    rows = [f"| {a} | " + " | ".join(cell(a, k) for k in VERDICTS) + " |" for a in args.arms if done(a)]
+    return ["", f"Verdicts on {sp}, with routes (%): by whether the arm's own answer is right, and the share of shown "
+                "wrong routes whose first wrong step it names:", "", "| arm | " + " | ".join(VERDICTS.values()) + " |",
+            "|---|" + "---|" * len(VERDICTS), *rows]
 
 
 def reused_text(args):

@@ -210,7 +210,8 @@ def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path)
             train.log(tmp_path / "results.jsonl", arm=arm, seed=s, split="test", n=4, route_only="0011", n_taught=2,
                       n_route_only=2, right_autonomous=alone, right_with_routes=routes,
                       acc_autonomous=alone.count("1") / 4, acc_with_routes=routes.count("1") / 4, verdict_acc=0.5,
-                      autonomous_updates=0, autonomous_lr_sum=0.0,
+                      verdict_acc_own_right=0.75 - s / 2, verdict_acc_own_wrong=None if arm == "grpo" else 0.25,
+                      step_acc=0.5, autonomous_updates=0, autonomous_lr_sum=0.0,
                       **{f"acc_{k}_{p}": acc(b, p) for k, b in (("autonomous", alone), ("with_routes", routes))
                          for p in ("taught", "route_only")},
                       **{f"verdict_acc_{p}": 0.5 for p in ("taught", "route_only")})
@@ -224,6 +225,9 @@ def test_the_table_compares_route_only_problems_and_shows_realms_links(tmp_path)
     paper = ablate.write_table(tmp_path, args, rl, "python ablate.py")
     table = (tmp_path / "results.md").read_text()
     assert len(paper) == 2 and all(f"**{line}**." in table for line in paper)  # what the ablation prints at its end
+    # verdicts by own answer: seeds 0 and 1 give 0.75 and 0.25 (mean 50, std 35.4); grpo had no wrong own answer
+    assert "| realm | 50.0 ± 35.4 | 25.0 ± 0.0 | 50.0 ± 0.0 |" in table
+    assert "| grpo | 50.0 ± 35.4 | - | 50.0 ± 0.0 |" in table
     # route-only with routes: realm '11', '11' against cot-synth '10', '10' (all four problems: realm 3/4 + 2/4
     # against 3/4 + 3/4)
     assert "**realm minus cot-synth, test route-only problems with routes: +50.0 [" in table
