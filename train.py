@@ -25,7 +25,9 @@ Choices that are ours:
    problems, advantages per reward component with consistent verdicts (grpo.py, mrpv.py). From a
    checkpoint the peak lr is lower (flags.PRETRAINED_LR). On CUDA rollouts sample from a bfloat16 copy of
    the weights: the first ratio is 1 up to rounding.
-4. Sampling seeds are per prompt and step, so torchrun's N processes sample what one process would.
+4. Sampling seeds are per prompt and step, so torchrun's N processes sample what one process would. The
+   problems of each step and the routes shown come from two random streams, so arms with routes and without
+   them (plain GRPO) train on the same problems, step by step.
 5. metrics.jsonl is strict JSON: a value that is not a finite number (the loss of a skipped step) is
    written as null; such a step has skipped_updates > 0.
 """
@@ -249,7 +251,8 @@ class RLRun:
     weights: mrpv.Weights
     cfg: grpo.Config  # what the update reads
     opt: torch.optim.Optimizer
-    rng: random.Random  # the problems drawn each step and the routes shown
+    rng: random.Random  # the problems drawn each step
+    route_rng: random.Random  # the routes shown: its own stream, so every arm draws the same problems (choice 4)
     evals: dict  # {split: (problems, banks)}, rank 0 only
     start: int = 0  # the first step to run (after --resume, the saved step)
 
@@ -302,11 +305,12 @@ def rl_setup(args, out, state, rank, device) -> RLRun:
     cfg = grpo.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(grpo.Config)})
     evals = eval_sets(args, D.eval_splits(args.eval_splits)) if rank == 0 else {}
     run = RLRun(model, sampler, ref, tok, problems, banks, annealer, weights, cfg, make_optimizer(model, args),
-                random.Random(args.seed), evals)
+                random.Random(args.seed), random.Random(f"routes-{args.seed}"), evals)
     if state:
         run.opt.load_state_dict(state["optimizer"])
         annealer.load_state_dict(state["eaai"])
         run.rng.setstate(state["rng"]["python"])
+        run.route_rng.setstate(state["rng"]["routes"])
         torch.set_rng_state(state["rng"]["torch"])
         run.start = state["step"]
     return run
@@ -317,7 +321,7 @@ def rl_prompts(step, run: RLRun, args):
     Every process draws the same batch (same seeds) and then keeps its own share."""
     idx = [run.rng.randrange(len(run.problems)) for _ in range(args.prompts_per_step)]
     hints = [run.annealer.hint(step) for _ in idx]
-    shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(run.banks[i], h.k, args.neg_share, run.rng)]
+    shown = [[mrpv.show(r, h.frac) for r in mrpv.select_routes(run.banks[i], h.k, args.neg_share, run.route_rng)]
              if h.show else [] for i, h in zip(idx, hints)]
     return idx, shown
 
@@ -372,7 +376,8 @@ def save_rl(run: RLRun, args, out, step, rank, world):
     if rank == 0:
         save_run(run.model, run.tok, out, {"stage": "rl", "step": step, "optimizer": run.opt.state_dict(),
                                            "args": vars(args), "eaai": run.annealer.state_dict(),
-                                           "rng": {"python": run.rng.getstate(), "torch": torch.get_rng_state()}})
+                                           "rng": {"python": run.rng.getstate(), "routes": run.route_rng.getstate(),
+                                                   "torch": torch.get_rng_state()}})
     if world > 1:
         dist.barrier()
 

@@ -447,3 +447,24 @@ def test_resume_takes_the_saved_flags_and_drops_later_metrics(tmp_path):
     got = (resumed.order, resumed.advantages, resumed.resume, resumed.device)
     assert got == ("verify-solve", "sample", True, "cpu")
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_arms_with_and_without_routes_draw_the_same_problems(distilled, tmp_path, monkeypatch):
+    """Problems and routes come from separate random streams: ReaLM (routes shown) and plain GRPO (none) ask the
+    same questions at every step."""
+    import train
+
+    asked, shown, real = [], [], train.generate
+    tok = load_tokenizer(distilled)
+    question = lambda p: next(x for x in tok.decode(p).split("\n") if x.startswith("Stock"))
+
+    def recording(m, prompts, **k):
+        asked.append([question(p) for p in prompts])
+        shown.append(sum("Route 1" in tok.decode(p) for p in prompts))
+        return real(m, prompts, **k)
+
+    monkeypatch.setattr(train, "generate", recording)
+    for arm, flags in (("realm", []), ("grpo", ["--routes", "none", "--reward", "answer"])):
+        train.main(["--stage", "rl", "--init", str(distilled), "--out", str(tmp_path / arm), *flags] + RL_FLAGS)
+    assert len(asked) == 8 and asked[:4] == asked[4:]
+    assert sum(shown[:4]) > 0 and sum(shown[4:]) == 0  # realm's prompts showed routes, grpo's none
