@@ -92,9 +92,10 @@ def eval_sets(args, splits):
 
 
 def evaluate_and_log(model, tok, evals, args, path, step, **extra):
-    """Evaluate on each split (evaluate.py), append a line per split to `path`, print the figures."""
+    """Evaluate on each split (evaluate.py), append a line per split to `path`, print the figures; -> {split: acc}."""
+    out = {}
     for split, (ps, bs) in evals.items():
-        acc = E.evaluate(model, tok, ps, bs, args)
+        acc = out[split] = E.evaluate(model, tok, ps, bs, args)
         log(path, step=step, split=split, n=len(ps), **acc, **extra)  # acc: both accuracies and per-problem bits
         figure = lambda key: "-" if acc.get(key) is None else f"{acc[key]:.3f}"
         parts = "".join(f"; {part} ({acc[f'n_{part}']}): alone {figure(f'acc_autonomous_{part}')} with routes "
@@ -103,6 +104,18 @@ def evaluate_and_log(model, tok, evals, args, path, step, **extra):
         tqdm.write(f"{'' if step is None else f'step {step} '}{split} ({len(ps)} problems): acc_autonomous "
                    f"{figure('acc_autonomous')} acc_with_routes {figure('acc_with_routes')} verdict_acc "
                    f"{figure('verdict_acc')}{parts}")
+    return out
+
+
+def before_after(first: dict, last: dict):
+    """The run's last lines: accuracy alone (route-only problems alone, where a split has them) at its start and
+    at its end, per split."""
+    for split, a in last.items():
+        key = "acc_autonomous_route_only" if a.get("n_route_only") else "acc_autonomous"
+        was = f"{first[split][key]:.1%} -> " if split in first and first[split].get(key) is not None else ""
+        which = "route-only problems" if a.get("n_route_only") else "all problems"
+        print(f"rl: {split}, {which} alone: {was}{a[key]:.1%} (with routes "
+              f"{a[key.replace('autonomous', 'with_routes')]:.1%})")
 
 
 # ---- checkpoints and metrics ----
@@ -421,9 +434,10 @@ def run_rl(args):
               f"{len(run.problems)} problems with route banks; {args.steps} steps of {args.prompts_per_step} prompts "
               f"x {args.num_generations} samples; routes {args.routes}{', no anneal' if args.no_anneal else ''}; "
               f"reward {args.reward}{f'; resuming after step {run.start}' if run.start else ''}", flush=True)
+    first = last = {}
     if rank == 0 and not state:
         fresh_run_folder(out)
-        evaluate_and_log(run.sampler, run.tok, run.evals, args, metrics, 0)
+        first = evaluate_and_log(run.sampler, run.tok, run.evals, args, metrics, 0)
     if world > 1:
         dist.barrier()
     t0, bad_run, last_save = time.time(), 0, run.start
@@ -442,12 +456,13 @@ def run_rl(args):
             raise TrainingError(f"loss or gradient not finite in {bad_run} steps in a row (to step {step + 1}): "
                                 f"stopped; {where}")
         if rank == 0 and eval_due(step + 1, args):
-            evaluate_and_log(run.sampler, run.tok, run.evals, args, metrics, step + 1)
+            last = evaluate_and_log(run.sampler, run.tok, run.evals, args, metrics, step + 1)
         if not bad and (step + 1 == args.steps or (args.save_every and (step + 1) % args.save_every == 0)):
             save_rl(run, args, out, step + 1, rank, world)
             last_save = step + 1
     if rank == 0:
         print(f"rl: steps {run.start + 1}..{args.steps} in {time.time() - t0:.0f} s; wrote {out}/")
+        before_after(first, last)
     if world > 1:
         dist.destroy_process_group()
 

@@ -138,7 +138,7 @@ def test_k3_kl_and_aggregation():
         grpo_loss(logp, logp, adv, mask, loss_type="group")
 
 
-def test_rl_steps_run_and_log_every_contract_key(tmp_path):
+def test_rl_steps_run_and_log_every_contract_key(tmp_path, capsys):
     import json
 
     import train
@@ -148,6 +148,10 @@ def test_rl_steps_run_and_log_every_contract_key(tmp_path):
                 "--eval-n", "21", "--max-new-tokens", "8"])
     train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl"), "--steps", "3",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "21", "--max-new-tokens", "12"])
+    last = capsys.readouterr().out.strip().splitlines()[-2:]  # the run's last lines: before and after, alone
+    assert [x.split(":")[0] for x in last] == ["rl", "rl"]
+    assert last[0].startswith("rl: dev, route-only problems alone: ") and " -> " in last[0]
+    assert last[1].startswith("rl: test, route-only problems alone: ") and "(with routes " in last[1]
     train.main(["--stage", "rl", "--init", str(out), "--out", str(tmp_path / "rl2"), "--steps", "2",
                 "--order", "verify-solve", "--advantages", "sample", "--no-consistent", "--eaai-shape", "linear",
                 "--prompts-per-step", "2", "--num-generations", "3", "--eval-n", "0", "--max-new-tokens", "12"])
