@@ -413,8 +413,8 @@ def cpu_name():
 
 
 KINDS = {"alone": "autonomous", "with routes": "with_routes"}
-VERDICTS = {"verdict_acc_own_right": "verdicts, own answer right", "verdict_acc_own_wrong": "verdicts, own answer wrong",
-            "step_acc": "first wrong step named"}  # with routes, over every shown route (evaluate.evaluate)
+VERDICTS = {"verdict_acc_own_right": "verdicts, own answer right",  # with routes (evaluate.evaluate)
+            "verdict_acc_own_wrong": "verdicts, own answer wrong", "step_acc": "first wrong step named"}
 PARTS_SHOWN = {"_taught": "taught", "_route_only": "route-only", "": "all"}  # a split's parts in the table, or all
 COMPARISONS = (("realm", "cot-synth", "with routes"), ("realm", "grpo", "alone"))  # the paper's two (its abstract)
 
