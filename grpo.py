@@ -37,9 +37,11 @@ Choices that are ours:
 5. Advantages per component (train.py's default --advantages component, chosen on dev with mrpv's
    consistency, RESULTS.md; --advantages sample: one per sample): each reward component c is normalised
    in its group on its own, A^c_i = group_advantages(r^c); a token gets the weighted mean of the
-   components that concern its line: on verdict lines verdict, step and format; on every other line
-   (the model's own steps and answer) answer and format. So the answer's weight on the chain is
-   fixed whatever is shown, and verdict luck never pushes the chain's tokens.
+   components that apply to its group (verdict and step need routes shown) and concern its line: on
+   verdict lines verdict, step and format; on every other line (the model's own steps and answer) answer
+   and format. So the answer's weight on the chain is fixed whatever is shown, verdict luck never pushes
+   the chain's tokens, and a group's advantages do not depend on the other groups of the batch (nor on
+   how torchrun shares the groups out).
 """
 
 import math
@@ -89,11 +91,11 @@ def group_advantages(rewards, n, scale=True, eps=1e-4):
 
 def component_advantages(parts, weights, n, scale=True):
     """parts: {component: rewards (G * n,) with NaN where it does not apply}; weights: {component: w}.
-    -> {component: advantages (G * n,)}, 0 where the component does not apply (choice 5)."""
+    -> {component: advantages (G * n,)}, NaN in the groups where the component does not apply (choice 5)."""
     out = {}
     for c, r in parts.items():
         if weights.get(c, 0) > 0 and not torch.isnan(r).all():
-            out[c] = torch.nan_to_num(group_advantages(r, n, scale), nan=0.0)  # (G * n,)
+            out[c] = group_advantages(r, n, scale)  # (G * n,): a group holding a NaN is NaN throughout
     return out
 
 
@@ -107,9 +109,10 @@ def per_token_advantages(rewards, weights, on_verdict, n, scale=True):
 
 
 def token_advantages(adv, weights, i, on_verdict):
-    """Sample i's per-token advantages: on_verdict[t] says whether token t lies on a verdict line (choice 5)."""
+    """Sample i's per-token advantages: on_verdict[t] says whether token t lies on a verdict line (choice 5). Only
+    the components that apply to sample i's group count, so a group's advantages do not depend on the others."""
     def mix(cs):
-        cs = [c for c in cs if c in adv]
+        cs = [c for c in cs if c in adv and not math.isnan(adv[c][i])]
         return sum(weights[c] * float(adv[c][i]) for c in cs) / sum(weights[c] for c in cs) if cs else 0.0
     a_verdict, a_chain = mix(("verdict", "step", "format")), mix(("answer", "format"))
     return [a_verdict if v else a_chain for v in on_verdict]

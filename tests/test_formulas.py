@@ -39,12 +39,23 @@ def test_a_component_of_weight_zero_gets_no_advantage():
 
 
 def test_a_component_that_applies_to_some_groups_only_keeps_its_advantage_there():
-    """The step reward applies in group 2 only (NaN in group 1): it is normalised there, 0 in group 1."""
+    """The step reward applies in group 2 only (NaN in group 1): it is normalised there, and left out of group 1's
+    mix, so each group's token advantages are what they would be in a batch of its own (as under torchrun, where
+    each process holds its own groups)."""
     nan = float("nan")
-    parts = {"step": torch.tensor([nan, nan, 0.0, 1.0])}
-    adv = grpo.component_advantages(parts, {"step": 0.5}, n=2)
+    parts = {"verdict": torch.tensor([0.0, 1.0, 0.0, 1.0]), "step": torch.tensor([nan, nan, 0.0, 1.0])}
+    w = {"verdict": 0.5, "step": 0.5}
+    adv = grpo.component_advantages(parts, w, n=2)
     # (0 - 0.5) / (0.5 + 1e-4) = -0.5 / 0.5001; float32: rel 1e-6
-    assert adv["step"].tolist() == pytest.approx([0.0, 0.0, -0.5 / 0.5001, 0.5 / 0.5001], rel=1e-6)
+    assert adv["step"][2:].tolist() == pytest.approx([-0.5 / 0.5001, 0.5 / 0.5001], rel=1e-6)
+    assert torch.isnan(adv["step"][:2]).all()
+    together = [grpo.token_advantages(adv, w, i, [True]) for i in range(4)]
+    first = grpo.component_advantages({c: r[:2] for c, r in parts.items()}, w, n=2)
+    second = grpo.component_advantages({c: r[2:] for c, r in parts.items()}, w, n=2)
+    alone = [grpo.token_advantages(first, w, i, [True]) for i in range(2)]
+    alone += [grpo.token_advantages(second, w, i, [True]) for i in range(2)]
+    assert together == alone  # exact: the same float32 values, mixed in the same order
+    assert together[0] == [pytest.approx(-0.5 / 0.5001, rel=1e-6)]  # group 1: the verdict alone, not halved
 
 
 def test_token_advantages_mix_verdict_step_format_on_verdict_lines_and_answer_format_elsewhere():
