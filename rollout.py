@@ -18,12 +18,11 @@ Choices that are ours:
    torchrun rank sample its share of a step's prompts exactly as one process samples them all).
 3. A finished row stays in the batch (fed padding, its outputs ignored) until a quarter of the batch has
    finished; then the finished rows leave it (their cache rows dropped, KVCache.keep_rows), so a batch
-   whose answers end early stops paying for them. The random draws are made for all rows as before, so a
+   whose answers end early stops paying for them. The random draws are still made for every row, so a
    row's tokens do not depend on when others leave. Not with compile=True (its shapes are fixed).
-4. Eager decoding on CUDA keeps SDPA off its cuDNN kernel: a profile on an H200 (torch 2.11) showed
-   cuDNN building a new plan whenever the cache length changes, 1.6 ms of CPU per layer per step
-   (~40 ms a step for a 24-layer model, the GPU idle). Flash / memory-efficient / math kernels have
-   no such cost. (That fix is not yet timed on a GPU; the figures in the README predate it.)
+4. Eager decoding on CUDA keeps SDPA off its cuDNN kernel, which builds a new plan whenever the cache
+   length changes, on the CPU, with the GPU idle; flash / memory-efficient / math kernels have no such cost
+   (RESULTS.md, "One GPU: rollout, training, one RL step and memory on an H200"; not yet timed on a GPU).
 5. compile=True (off by default) decodes with a static cache (model.KVCache.go_static: attention over
    all preallocated slots, the unfilled ones masked) through torch.compile, and on CUDA replays that
    step as one CUDA graph, as gpt-fast does: the step's ~15 kernels per layer are launched as one.
