@@ -92,3 +92,14 @@ def show(model, tok, problems, banks, args, split):
             said = verdict(parsed.verdicts.get(k, "missing"))
             step = "" if step_ok is None or not ok else f", the step {'right' if step_ok else 'wrong'}"
             print(f"route {k}: {truth}; it says {said} (verdict {'right' if ok else 'wrong'}{step})")
+
+
+def before_after(first: dict, last: dict):
+    """The run's last lines: accuracy alone (route-only problems alone, where a split has them) at its start and
+    at its end, per split."""
+    for split, a in last.items():
+        key = "acc_autonomous_route_only" if a.get("n_route_only") else "acc_autonomous"
+        was = f"{first[split][key]:.1%} -> " if split in first and first[split].get(key) is not None else ""
+        which = "route-only problems" if a.get("n_route_only") else "all problems"
+        print(f"rl: {split}, {which} alone: {was}{a[key]:.1%} (with routes "
+              f"{a[key.replace('autonomous', 'with_routes')]:.1%})")

@@ -107,17 +107,6 @@ def evaluate_and_log(model, tok, evals, args, path, step, **extra):
     return out
 
 
-def before_after(first: dict, last: dict):
-    """The run's last lines: accuracy alone (route-only problems alone, where a split has them) at its start and
-    at its end, per split."""
-    for split, a in last.items():
-        key = "acc_autonomous_route_only" if a.get("n_route_only") else "acc_autonomous"
-        was = f"{first[split][key]:.1%} -> " if split in first and first[split].get(key) is not None else ""
-        which = "route-only problems" if a.get("n_route_only") else "all problems"
-        print(f"rl: {split}, {which} alone: {was}{a[key]:.1%} (with routes "
-              f"{a[key.replace('autonomous', 'with_routes')]:.1%})")
-
-
 # ---- checkpoints and metrics ----
 
 def log(path: Path, **row):
@@ -296,6 +285,10 @@ def rl_resume(args, out: Path, rank):
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("stage") != "rl":
         raise D.DataError(f"--resume: {path} is from the {state.get('stage')} stage, not rl")
+    missing = [k for k in ("step", "optimizer", "args", "eaai", "rng") if k not in state]
+    missing += [f"rng.{k}" for k in ("python", "routes", "torch") if k not in state.get("rng", {})]
+    if missing:
+        raise D.DataError(f"--resume: {path} lacks {', '.join(missing)} (a trainer state of another version?)")
     if rank == 0:
         rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= state["step"]]
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
@@ -462,7 +455,7 @@ def run_rl(args):
             last_save = step + 1
     if rank == 0:
         print(f"rl: steps {run.start + 1}..{args.steps} in {time.time() - t0:.0f} s; wrote {out}/")
-        before_after(first, last)
+        E.before_after(first, last)
     if world > 1:
         dist.destroy_process_group()
 

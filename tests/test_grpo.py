@@ -441,16 +441,22 @@ def test_route_bank_problems_constant_lr_and_autonomous_steps(distilled, tmp_pat
 def test_resume_takes_the_saved_flags_and_drops_later_metrics(tmp_path):
     """--resume goes on with the flags the run was saved with, not the command line's, and drops the metrics
     lines logged after its checkpoint."""
+    import domain as D
     import flags
     import train
 
     saved = vars(flags.parse(["--stage", "rl", "--order", "verify-solve", "--advantages", "sample"]))
-    torch.save({"stage": "rl", "step": 2, "args": saved}, tmp_path / "trainer_state.pt")
+    rngs = {"python": None, "routes": None, "torch": None}  # what rl_setup restores; rl_resume only reads the flags
+    torch.save({"stage": "rl", "step": 2, "args": saved, "optimizer": {}, "eaai": {}, "rng": rngs},
+               tmp_path / "trainer_state.pt")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
     _, resumed = train.rl_resume(flags.parse(["--stage", "rl", "--device", "cpu"]), tmp_path, 0)
     got = (resumed.order, resumed.advantages, resumed.resume, resumed.device)
     assert got == ("verify-solve", "sample", True, "cpu")
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    torch.save({"stage": "rl", "step": 2, "args": saved, "rng": {"python": None}}, tmp_path / "trainer_state.pt")
+    with pytest.raises(D.DataError, match=r"lacks optimizer, eaai, rng.routes, rng.torch \(a trainer state"):
+        train.rl_resume(flags.parse(["--stage", "rl"]), tmp_path, 0)
 
 
 def test_arms_with_and_without_routes_draw_the_same_problems(distilled, tmp_path, monkeypatch):
