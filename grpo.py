@@ -246,9 +246,10 @@ def sum_grads(model, world):
             dist.all_reduce(p.grad)
 
 
-def minibatch_loss(model, ref, part: list[Example], n, cfg: Config, pad_id):
+def minibatch_loss(model, ref, part: list[Example], n, cfg: Config, pad_id, n_tokens=None):
     """Forward and backward over one minibatch in micro-batches; each micro-batch's loss weighted by its
-    share of the minibatch's n tokens (or sequences) summed over processes (choice 2).
+    share of the minibatch's n tokens (or sequences) summed over processes (choice 2), its clip_frac and kl
+    (shares of tokens) by its share of the n_tokens tokens (default n), so that no figure depends on the cut.
     Returns the summed (loss, clip_frac, kl) of this process's share."""
     device = model.lm_head.weight.device
     autocast = autocast_for(device)
@@ -272,8 +273,9 @@ def minibatch_loss(model, ref, part: list[Example], n, cfg: Config, pad_id):
         share = (mask.sum().item() if cfg.loss_type == "token" else len(micro)) / n
         (loss * share).backward()
         loss_sum += loss.item() * share
-        clip_sum += st["clip_frac"] * share
-        kl_sum += st["kl"] * share
+        token_share = mask.sum().item() / (n if n_tokens is None else n_tokens)
+        clip_sum += st["clip_frac"] * token_share
+        kl_sum += st["kl"] * token_share
     return loss_sum, clip_sum, kl_sum
 
 
@@ -288,11 +290,12 @@ def policy_update(model, ref, opt, batch: list[Example], cfg: Config, world, pad
             part = [e for e in batch if e.group % M == m]  # choice 1
             # the loss is a mean over the whole minibatch, on every process: its tokens (or sequences) summed over
             # processes
-            n_local = sum(len(e.completion) for e in part) if cfg.loss_type == "token" else len(part)
-            n = sum_floats([n_local], world, device)[0]
+            n_tokens, n_sequences = sum_floats([sum(len(e.completion) for e in part), len(part)], world, device)
+            n = n_tokens if cfg.loss_type == "token" else n_sequences
             if n == 0:
                 continue  # nothing to learn from (RFT with no right sample)
-            loss_sum, clip_sum, kl_sum = minibatch_loss(model, ref, part, n, cfg, pad_id) if part else (0.0, 0.0, 0.0)
+            loss_sum, clip_sum, kl_sum = (minibatch_loss(model, ref, part, n, cfg, pad_id, n_tokens) if part
+                                          else (0.0, 0.0, 0.0))
             t = clock(device)
             sum_grads(model, world)
             loss_sum, clip_sum, kl_sum = sum_floats([loss_sum, clip_sum, kl_sum], world, device)

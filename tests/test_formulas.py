@@ -160,7 +160,9 @@ def test_micro_batch_losses_weigh_by_their_share_of_the_minibatch(tiny, micro_to
     # the clip and the A = -2 branch are exact up to that; rel 1e-5
     assert (loss, clip, kl) == (pytest.approx(-0.56, rel=1e-5), pytest.approx(0.8, rel=1e-6), 0.0)
     seq = grpo.Config(micro_tokens=micro_tokens, loss_type="sequence")
-    assert grpo.minibatch_loss(tiny, None, part, 2, seq, pad_id=0)[0] == pytest.approx(0.4, rel=1e-5)
+    loss, clip, _ = grpo.minibatch_loss(tiny, None, part, 2, seq, pad_id=0, n_tokens=5)
+    # the clip fraction is a share of tokens whatever the loss's mean: 4 / 5, in one micro-batch or two
+    assert (loss, clip) == (pytest.approx(0.4, rel=1e-5), pytest.approx(0.8, rel=1e-6))
     tiny.zero_grad()
 
 
@@ -168,7 +170,7 @@ def recorded_update(monkeypatch, model, cfg, batch):
     """policy_update's minibatches: (groups, n) per optimizer step, minibatch_loss replaced by a recorder."""
     seen = []
     monkeypatch.setattr(grpo, "minibatch_loss",
-                        lambda model, ref, part, n, cfg, pad_id: seen.append(([e.group for e in part], n))
+                        lambda model, ref, part, n, cfg, pad_id, n_tokens: seen.append(([e.group for e in part], n))
                         or (0.0, 0.0, 0.0))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     grpo.policy_update(model, None, opt, batch, cfg, 1, 0)
