@@ -299,6 +299,8 @@ def main(argv=None):
     if "--record" in argv:  # compare's channel: write the figures as JSON to this file
         i = argv.index("--record")
         record, argv = argv[i + 1] if i + 1 < len(argv) else None, argv[:i] + argv[i + 2:]
+    if argv[:1] in (["-h"], ["--help"]):
+        return print(__doc__)
     if not argv or argv[0] not in (*flags.SCRATCH_SHAPES, *MODES):
         sys.exit(f"error: the first argument is a benchmark: a model shape ({', '.join(flags.SCRATCH_SHAPES)}) for RL "
                  f"steps, then any train.py rl flags; or one of {', '.join(MODES)}")
