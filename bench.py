@@ -99,19 +99,12 @@ def sft_steps(args):
     starts, fb, tokens = [], [], []
     for step in range(args.steps):
         starts.append(time.perf_counter())
-        for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, args)
-        share = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0
-        batch = (distill.draw_batch(alone, routed, share, args.batch_size, rng)
-                 + distill.verdict_drills(train.drills(args), args.K, rng, tok))
+        batch = train.distill_batch(step, opt, alone, routed, rng, tok, args)
         t0 = time.perf_counter()
         distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
         fb.append(time.perf_counter() - t0)
         tokens.append(sum(len(e[0]) + len(e[1]) - 1 for e in batch))
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train.optimizer_step(model, opt, args.grad_clip)
     starts.append(time.perf_counter())
     return starts, fb, tokens
 

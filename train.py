@@ -187,6 +187,23 @@ def sft_sets(args, problems, banks, tok, rng):
     return len(taught), alone, routed
 
 
+def distill_batch(step, opt, alone, routed, rng, tok, args):
+    """Set the step's learning rate; -> its SFT batch, MRPV examples from --mrpv-from on (choice 2), + drills."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, args)
+    share = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0
+    return (distill.draw_batch(alone, routed, share, args.batch_size, rng)
+            + distill.verdict_drills(drills(args), args.K, rng, tok))
+
+
+def optimizer_step(model, opt, grad_clip):
+    """Clip the gradient's norm (0: no clipping), step, clear the gradients."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def run_distill(args):
     device = F.pick_device(args.device)
     out = Path(args.out or "out/distill")
@@ -207,21 +224,13 @@ def run_distill(args):
     fresh_run_folder(out)
     metrics = out / "metrics.jsonl"
     D.save_jsonl([D.Problem(p.question, p.answer, p.rules, b) for p, b in zip(problems, banks)], out / "routes.jsonl")
-    opt = make_optimizer(model, args)
-    autocast = grpo.autocast_for(device)
+    opt, autocast = make_optimizer(model, args), grpo.autocast_for(device)
     model.train()
     bar, t0 = tqdm(range(args.steps), desc="distill", dynamic_ncols=True), time.time()
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        share = args.mrpv_share if step >= args.mrpv_from * args.steps else 0.0  # from --mrpv-from on (choice 2: 0)
-        batch = (distill.draw_batch(alone, routed, share, args.batch_size, rng)
-                 + distill.verdict_drills(drills(args), args.K, rng, tok))
+        batch = distill_batch(step, opt, alone, routed, rng, tok, args)
         loss_sum = distill.sft_step(model, batch, tok.pad_id, args.micro_tokens, autocast)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, args.grad_clip)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         log(metrics, stage="distill", step=step + 1, loss=loss_sum, lr=opt.param_groups[0]["lr"], reward=None,
             hint=None)
