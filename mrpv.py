@@ -174,13 +174,12 @@ class Parsed:
     answer: str | None  # None: no answer line
     layout: str  # one letter a line: V verdict, S step, A answer, E empty
     verdict_order: list  # route numbers of the verdict lines, in order
-    steps: list  # the text of the step lines, in order
 
 
 def parse(completion) -> Parsed:
     """Verdicts and answer of a completion. Never raises: garbage gives no verdicts and no answer."""
     text = completion if isinstance(completion, str) else ""
-    verdicts, answer, layout, order, steps = {}, None, [], [], []
+    verdicts, answer, layout, order = {}, None, [], []
     for line in text.strip().split("\n"):
         line = line.strip()
         if m := VERDICT.fullmatch(line):
@@ -194,9 +193,7 @@ def parse(completion) -> Parsed:
             layout.append("A")
         else:
             layout.append("S" if line else "E")
-            if line:
-                steps.append(line)
-    return Parsed(verdicts, answer, "".join(layout), order, steps)
+    return Parsed(verdicts, answer, "".join(layout), order)
 
 
 def on_verdict_lines(pieces: list[str]) -> list[bool]:
