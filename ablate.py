@@ -399,6 +399,12 @@ def ci_text(c: Diff | None):
     return f"{c.mean:+.1f} [{c.t_low:+.1f}, {c.t_high:+.1f}] (bootstrap {boot})"
 
 
+def over_seeds(res, arm, seeds, split, key):
+    """mean ± std of a result line's `key` over the seeds whose line for (arm, split) holds it; '-' if none."""
+    xs = [v for s in seeds if (arm, s, split) in res and (v := res[arm, s, split].get(key)) is not None]
+    return mean_std(xs) if xs else "-"
+
+
 def mean_or_dash(xs):
     return f"{sum(xs) / len(xs):.1f}" if xs else "-"
 
@@ -479,8 +485,7 @@ def write_table(out: Path, args, rl, command):
                   + " | autonomous updates (Σ lr) | min a run |", "|---|---|---|" + "---|" * (3 * len(parts) + 2)]
         for a in args.arms:
             ds = [s for s in done(a) if (a, s, sp) in res]
-            values = lambda key: [v for s in ds if (v := res[a, s, sp].get(key)) is not None]
-            cell = lambda key: mean_std(values(key)) if values(key) else "-"
+            cell = lambda key: over_seeds(res, a, ds, sp, key)
             auto = [(res[a, s, sp]["autonomous_updates"], res[a, s, sp]["autonomous_lr_sum"]) for s in ds]
             lr_sum = sum(x for _, x in auto) / max(1, len(auto))
             auto = f"{mean_or_dash([u for u, _ in auto])} ({lr_sum:.2g})" if auto else ""
@@ -525,9 +530,8 @@ def write_table(out: Path, args, rl, command):
 
 def verdict_lines(args, res, sp, done):
     """Each arm's verdicts with routes, split by whether its own answer is right, and its step_acc (mean ± std)."""
-    values = lambda a, k: [x for s in done(a) if (x := res[a, s, sp].get(k)) is not None]
-    cell = lambda a, k: mean_std(values(a, k)) if values(a, k) else "-"
-    rows = [f"| {a} | " + " | ".join(cell(a, k) for k in VERDICTS) + " |" for a in args.arms if done(a)]
+    rows = [f"| {a} | " + " | ".join(over_seeds(res, a, done(a), sp, k) for k in VERDICTS) + " |"
+            for a in args.arms if done(a)]
     return ["", f"Verdicts on {sp}, with routes (%): by whether the arm's own answer is right, and the share of shown "
                 "wrong routes whose first wrong step it names:", "", "| arm | " + " | ".join(VERDICTS.values()) + " |",
             "|---|" + "---|" * len(VERDICTS), *rows]
